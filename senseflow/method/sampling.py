@@ -1,0 +1,201 @@
+"""Few-step samplers of the generator and backward simulation, generic over family and schedule (METHOD.md §4, §16.3).
+
+Anchors τ₀ > τ₁ > … > τ_{K−1} (σ for flow models, integer t for SDXL) and τ_K := the clean end point
+(σ = 0, or ᾱ = 1 for DDPM). Let P(x, τ) be the raw prediction of the network (v or ε) and x̂₀(x, τ) the clean
+estimate the schedule derives from it.
+
+* **Stochastic ("Ours", DMD-style)**: x ← ε; for k = 0..K−1: x̂₀ ← x̂₀(x, τ_k); x ← renoise(x̂₀, fresh ε, τ_{k+1})
+  for k < K−1; output x̂₀.
+* **Euler ("Ours (Euler)", deterministic)**: x ← ε; for k = 0..K−1: x ← step(x, P(x, τ_k), τ_k → τ_{k+1});
+  output x (flow: x + (σ_{k+1} − σ_k)·v; DDPM: the DDIM move √ᾱ'·x̂₀ + √(1−ᾱ')·ε̂, i.e. Euler in σ-space,
+  exactly what ``EulerDiscreteScheduler`` does at the same timesteps).
+* **Backward simulation** (§4.2 a): the stochastic sampler stopped after k steps, under no_grad; k = 0 returns
+  the pure noise.
+
+Both samplers start from pure noise ε (for SDXL the UNet input at t = 999 is ε itself, as in the reference).
+All noise comes from ``noise_gen`` in a fixed order (initial ε, then one fresh ε per re-noising), so the
+stochastic sampler with K steps and backward simulation with k = K give the same result for the same generator
+state. ``guidance_scale`` (optional) samples the *teacher* through ``family.guided_predict`` (CFG for SDXL/SD3,
+the distilled-guidance embedding for FLUX); the student takes none.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from senseflow.method.schedules import FlowSchedule, Schedule
+from senseflow.models.families.base import Condition, TeacherFamily
+
+__all__ = [
+    "anchor_indices",
+    "flow_anchor_grid",
+    "make_anchors",
+    "initial_noise",
+    "sample_stochastic",
+    "sample_euler",
+    "backward_simulate",
+]
+
+
+# ---- anchors -------------------------------------------------------------------------------------------------
+
+def anchor_indices(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Grid indices i_k = (T − 1) − k·⌊T/K⌋, k = 0..K−1 (K = 4, T = 1000: 999, 749, 499, 249).
+
+    For SDXL these are the anchors t_k themselves (METHOD.md §4.1).
+    """
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    stride = num_train_timesteps // num_steps
+    return [num_train_timesteps - 1 - k * stride for k in range(num_steps)]
+
+
+def flow_anchor_grid(num_steps: int) -> list[float]:
+    """The unshifted flow grid u_k = 1 − k/K (K = 4: 1, .75, .5, .25)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be positive, got {num_steps}")
+    return [1.0 - k / num_steps for k in range(num_steps)]
+
+
+def make_anchors(schedule: Schedule, num_steps: int) -> Tensor:
+    """K evenly spaced generator anchors τ₀ > … > τ_{K−1} for ``schedule``.
+
+    Flow: σ_k = shift(1 − k/K) with the schedule's static or dynamic shift (K = 4: SD3.5 1, .9, .75, .5; FLUX at
+    1024² 1, .90453, .75951, .51284, which the reference truncates to 1, .904, .759, .512). DDPM: t_k =
+    :func:`anchor_indices` (K = 4: 999, 749, 499, 249).
+    """
+    if isinstance(schedule, FlowSchedule):
+        return schedule.anchors_from_grid(flow_anchor_grid(num_steps))
+    return schedule.anchors(indices=anchor_indices(num_steps, schedule.num_train_timesteps))
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+
+def initial_noise(shape: Sequence[int], noise_gen: torch.Generator | None, device: torch.device | str,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """ε ~ N(0, I) of ``shape`` drawn on the generator's device, then moved to ``device`` (so a CPU generator gives
+    the same noise whatever the accelerator, as in diffusers' ``randn_tensor``)."""
+    gen_device = noise_gen.device if noise_gen is not None else torch.device("cpu")
+    return torch.randn(tuple(shape), generator=noise_gen, device=gen_device, dtype=dtype).to(device)
+
+
+def _schedule_for(family: TeacherFamily, shape: Sequence[int]) -> Schedule:
+    """The family's schedule at the pixel size of latents of ``shape`` (FLUX's shift depends on it)."""
+    f = int(getattr(family, "vae_scale_factor", 1))
+    return family.schedule(int(shape[-2]) * f, int(shape[-1]) * f)
+
+
+def _prepare(family: TeacherFamily, cond: Condition, anchors: Tensor | Sequence, noise_gen: torch.Generator | None,
+             shape: Sequence[int] | None, latents: Tensor | None, schedule: Schedule | None):
+    device = cond.pooled.device
+    if latents is None:
+        if shape is None:
+            raise ValueError("pass either the latent shape (B, C, h, w) or the initial noise latents")
+        if noise_gen is None:
+            raise ValueError("sampling from noise needs a noise_gen torch.Generator")
+        if shape[0] != len(cond):
+            raise ValueError(f"latent batch {shape[0]} does not match the condition batch {len(cond)}")
+        latents = initial_noise(shape, noise_gen, device)
+    anchors = torch.as_tensor(anchors, device=latents.device)
+    if anchors.ndim != 1 or anchors.numel() == 0:
+        raise ValueError(f"anchors must be a non-empty 1-D sequence τ₀ > τ₁ > …, got shape {tuple(anchors.shape)}")
+    return latents, anchors, schedule or _schedule_for(family, latents.shape)
+
+
+def _predict(family: TeacherFamily, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition,
+             guidance_scale: float | Tensor | None) -> Tensor:
+    if guidance_scale is None:
+        return family.predict(net, x, tau, cond)
+    return family.guided_predict(net, x, tau, cond, guidance_scale)
+
+
+def _tau(anchors: Tensor, k: int, batch: int) -> Tensor:
+    return anchors[k].expand(batch)
+
+
+# ---- samplers ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_stochastic(
+    family: TeacherFamily,
+    net: nn.Module,
+    cond: Condition,
+    anchors: Tensor | Sequence[float],
+    noise_gen: torch.Generator | None = None,
+    shape: Sequence[int] | None = None,
+    *,
+    latents: Tensor | None = None,
+    guidance_scale: float | Tensor | None = None,
+    schedule: Schedule | None = None,
+) -> Tensor:
+    """The re-noising few-step sampler: x ← ε; x̂₀ ← x̂₀(x, τ_k); x ← renoise(x̂₀, fresh ε, τ_{k+1}); output x̂₀.
+
+    ``shape`` = (B, C, h, w) of unpacked latents (noise from ``noise_gen``), or ``latents`` = the initial noise.
+    ``schedule`` defaults to ``family.schedule`` at the latents' pixel size.
+    """
+    x, anchors, schedule = _prepare(family, cond, anchors, noise_gen, shape, latents, schedule)
+    b = x.shape[0]
+    x0 = x
+    for k in range(anchors.numel()):
+        tau = _tau(anchors, k, b)
+        x0 = schedule.x0_from(x, _predict(family, net, x, tau, cond, guidance_scale), tau)
+        if k + 1 < anchors.numel():
+            eps = initial_noise(x.shape, noise_gen, x.device, x.dtype)
+            x = schedule.renoise(x0, eps, _tau(anchors, k + 1, b))
+    return x0
+
+
+@torch.no_grad()
+def sample_euler(
+    family: TeacherFamily,
+    net: nn.Module,
+    cond: Condition,
+    anchors: Tensor | Sequence[float],
+    noise_gen: torch.Generator | None = None,
+    shape: Sequence[int] | None = None,
+    *,
+    latents: Tensor | None = None,
+    guidance_scale: float | Tensor | None = None,
+    schedule: Schedule | None = None,
+) -> Tensor:
+    """The deterministic few-step ODE sampler: x ← ε; x ← step(x, P(x, τ_k), τ_k → τ_{k+1}) with τ_K the clean end.
+
+    Same arguments as :func:`sample_stochastic`. Reproduces the stock pipelines (see tests/test_sampling.py):
+    FLUX ``FluxPipeline(num_inference_steps=K)``; SD3.5 ``sigmas=flow_anchor_grid(K)``; SDXL ``timesteps=anchors``
+    with ``EulerDiscreteScheduler``.
+    """
+    x, anchors, schedule = _prepare(family, cond, anchors, noise_gen, shape, latents, schedule)
+    b = x.shape[0]
+    for k in range(anchors.numel()):
+        tau = _tau(anchors, k, b)
+        tau_next = _tau(anchors, k + 1, b) if k + 1 < anchors.numel() else schedule.final_tau(x)
+        x = schedule.step(x, _predict(family, net, x, tau, cond, guidance_scale), tau, tau_next.to(tau.dtype))
+    return x
+
+
+@torch.no_grad()
+def backward_simulate(
+    family: TeacherFamily,
+    net: nn.Module,
+    cond: Condition,
+    anchors: Tensor | Sequence[float],
+    k: int,
+    noise_gen: torch.Generator | None,
+    shape: Sequence[int],
+    *,
+    schedule: Schedule | None = None,
+) -> Tensor:
+    """Backward simulation (§4.2 a): the clean estimate after k generator steps from pure noise (no grad).
+
+    x̂ ← ε; for j = 0..k−1: x_j = renoise(x̂, fresh ε, τ_j) (x₀ = ε itself, τ₀ being pure noise);
+    x̂ ← x̂₀(G(x_j, τ_j)). Returns x̂, i.e. the pure noise ε when k = 0.
+    """
+    anchors_t = torch.as_tensor(anchors)
+    if not 0 <= int(k) <= anchors_t.numel():
+        raise ValueError(f"backward simulation step count k={k} must be in [0, {anchors_t.numel()}]")
+    k = int(k)
+    if k == 0:
+        return initial_noise(shape, noise_gen, cond.pooled.device)
+    return sample_stochastic(family, net, cond, anchors_t[:k], noise_gen, shape, schedule=schedule)

@@ -1,0 +1,195 @@
+"""FLUX family: MMDiT on 2×2-packed latents, rectified flow with a resolution-dependent (dynamic) shift, and
+FLUX.1-dev's distilled-guidance embedding.
+
+Text conditioning (METHOD.md §12): pooled = CLIP-L ``pooler_output`` (B, 768) from 77 tokens; prompt_embeds = T5
+last hidden state (B, 512, 4096); text_ids = zeros (512, 3) shared by the batch (2-D, as current diffusers wants);
+unconditional = the encoding of "" (never needed by the method: FLUX guidance is an embedding, not CFG).
+
+Packing: a latent (B, C, h, w) becomes (B, h/2·w/2, 4C) tokens, token (i, j) holding the 2×2 patch
+[c, 2i+a, 2j+b] at channel 4c + 2a + b; img_ids (h/2·w/2, 3) = (0, i, j). The transformer takes σ (it multiplies
+by 1000 itself) and, iff ``guidance_embeds``, a per-sample guidance scale g. :meth:`FluxFamily.predict` packs,
+calls, and unpacks, so the method only ever sees unpacked latents.
+
+Decision 4: the student G and fake score F are the teacher's transformer rebuilt with ``guidance_embeds=False``,
+carrying every teacher weight except ``time_text_embed.guidance_embedder.*``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from senseflow.method.schedules import Schedule
+from senseflow.models.families.base import Condition
+from senseflow.models.families.loading import DiffusersFamily, flow_schedule_from_config, net_config, unwrap
+
+__all__ = ["FluxFamily", "pack_latents", "unpack_latents", "latent_image_ids", "GUIDANCE_PREFIX"]
+
+#: state-dict prefix of the distilled-guidance MLP that the student does not have
+GUIDANCE_PREFIX = "time_text_embed.guidance_embedder."
+
+
+def pack_latents(x: Tensor) -> Tensor:
+    """(B, C, h, w) → (B, h/2·w/2, 4C): token (i, j), channel 4c + 2a + b = x[c, 2i + a, 2j + b]."""
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"flux: latent sides must be even for 2x2 packing, got {h}x{w}")
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of :func:`pack_latents` for a latent of size ``h`` × ``w``."""
+    b, n, d = tokens.shape
+    if n != (h // 2) * (w // 2) or d % 4:
+        raise ValueError(f"flux: cannot unpack {tuple(tokens.shape)} into a {h}x{w} latent")
+    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(h/2·w/2, 3) position ids of the packed tokens: (0, row, column)."""
+    ids = torch.zeros(h // 2, w // 2, 3, dtype=dtype)
+    ids[..., 1] = torch.arange(h // 2, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w // 2, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3).to(device)
+
+
+class FluxFamily(DiffusersFamily):
+    """FLUX teacher from a local diffusers folder (transformer, vae, text_encoder = CLIP-L, text_encoder_2 = T5,
+    tokenizer[_2], scheduler). ``t5_max_length`` is 512 for FLUX.1-dev."""
+
+    name = "flux"
+    denoiser_subfolder = "transformer"
+    component_subfolders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    #: the transformer's timestep argument is σ itself
+    timestep_scale = 1.0
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        denoiser_dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype = torch.float32,
+        text_dtype: torch.dtype = torch.float32,
+        clip_max_length: int = 77,
+        t5_max_length: int = 512,
+        student_path: str | Path | None = None,
+        text_device: torch.device | str | None = None,
+    ) -> None:
+        from diffusers import FluxTransformer2DModel
+
+        self.denoiser_class = FluxTransformer2DModel
+        super().__init__(path, device, denoiser_dtype, vae_dtype, text_dtype, clip_max_length, student_path, text_device)
+        if t5_max_length < 1:
+            raise ValueError(f"t5_max_length must be positive, got {t5_max_length}")
+        self.t5_max_length = int(t5_max_length)
+
+    def _load_text(self) -> dict[str, Any]:
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        return {
+            "tokenizer": self._load(AutoTokenizer, "tokenizer"),
+            "tokenizer_2": self._load(AutoTokenizer, "tokenizer_2"),
+            "text_encoder": self._load(CLIPTextModel, "text_encoder", self.text_dtype, self.text_device),
+            "text_encoder_2": self._load(T5EncoderModel, "text_encoder_2", self.text_dtype, self.text_device),
+        }
+
+    def block_types(self) -> tuple[type, ...]:
+        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+        return (FluxTransformerBlock, FluxSingleTransformerBlock)
+
+    def _latent_multiple(self) -> int:
+        return 2  # 2×2 packing
+
+    # ---- schedule ------------------------------------------------------------------------------------------
+    def schedule(self, height: int, width: int) -> Schedule:
+        """FlowSchedule(timestep_scale=1, μ = flux_mu(h/2·w/2 packed tokens, config's base/max len and shift))."""
+        _, h, w = self.latent_shape(height, width)
+        return flow_schedule_from_config(self.scheduler_config, self.timestep_scale, (h // 2) * (w // 2))
+
+    # ---- student (decision 4) ------------------------------------------------------------------------------
+    def build_student(self, teacher: nn.Module) -> nn.Module:
+        """The teacher's transformer rebuilt with ``guidance_embeds=False``, in fp32, trainable.
+
+        Every teacher weight is copied except ``time_text_embed.guidance_embedder.*`` (strict otherwise), or the
+        weights come from ``student_path`` (which must itself have ``guidance_embeds=False``).
+        """
+        if self.student_path is not None:
+            net = self.denoiser_class.from_pretrained(str(self.student_path), torch_dtype=torch.float32, local_files_only=True)
+            if net.config.guidance_embeds:
+                raise ValueError(f"flux: student at {str(self.student_path)!r} has guidance_embeds=True; "
+                                 "the student and fake score must have no guidance embedding (decision 4)")
+            return net.to(next(unwrap(teacher).parameters()).device).train().requires_grad_(True)
+        from accelerate import init_empty_weights
+
+        source = self._teacher_fp32(teacher)
+        config = dict(net_config(teacher))
+        config["guidance_embeds"] = False
+        with init_empty_weights():
+            net = self.denoiser_class.from_config(config)
+        weights = {k: v for k, v in source.state_dict().items() if not k.startswith(GUIDANCE_PREFIX)}
+        net.load_state_dict(weights, strict=True, assign=True)
+        return net.to(torch.float32).train().requires_grad_(True)
+
+    # ---- text ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], original_sizes: Tensor | None = None,
+                       crop_coords: Tensor | None = None) -> Condition:
+        """pooled = CLIP-L pooler_output, prompt_embeds = T5 last hidden state, text_ids = zeros (§12).
+
+        ``original_sizes`` and ``crop_coords`` are SDXL-only and ignored.
+        """
+        prompts = list(prompts)
+        t = self.text
+        pooled = t["text_encoder"](self._tokenize(t["tokenizer"], prompts, self.clip_max_length), output_hidden_states=False).pooler_output
+        t5 = t["text_encoder_2"](self._tokenize(t["tokenizer_2"], prompts, self.t5_max_length), output_hidden_states=False)[0]
+        return Condition(
+            prompt_embeds=t5.to(self.device),
+            pooled=pooled.to(self.device),
+            text_ids=torch.zeros(t5.shape[1], 3, device=self.device, dtype=t5.dtype),
+        )
+
+    # ---- denoiser ------------------------------------------------------------------------------------------
+    def has_guidance_embedding(self, net: nn.Module) -> bool:
+        """Whether ``net`` takes a distilled-guidance input (FLUX.1-dev teacher: yes; student: no)."""
+        return bool(getattr(net_config(net), "guidance_embeds", False))
+
+    def predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None) -> Tensor:
+        """v̂ = unpack(FLUX(pack(x_σ), σ, g, pooled, prompt_embeds, text_ids, img_ids)).
+
+        ``guidance`` (float or [B]) is passed iff the net has a guidance embedding; such a net requires it, a net
+        without one ignores it (like ``FluxPipeline`` ignoring ``guidance_scale`` for a no-guidance transformer).
+        """
+        b, _, h, w = x.shape
+        xin, c, dtype = self._cast_inputs(net, x, cond)
+        sigma = torch.as_tensor(tau, device=x.device, dtype=torch.float32)
+        sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
+        g = None
+        if self.has_guidance_embedding(net):
+            if guidance is None:
+                raise ValueError("flux: this transformer has a guidance embedding (guidance_embeds=True); pass guidance=g")
+            g = torch.as_tensor(guidance, device=x.device, dtype=torch.float32)
+            g = g.expand(b) if g.ndim == 0 else g
+        text_ids = c.text_ids if c.text_ids is not None else torch.zeros(c.prompt_embeds.shape[1], 3, device=x.device)
+        out = net(
+            hidden_states=pack_latents(xin),
+            timestep=sigma.to(dtype) * self.timestep_scale,
+            guidance=g,
+            pooled_projections=c.pooled,
+            encoder_hidden_states=c.prompt_embeds,
+            txt_ids=text_ids.to(x.device, dtype),
+            img_ids=latent_image_ids(h, w, x.device, dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, h, w).to(x.dtype)
+
+    def guided_predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: Tensor | float) -> Tensor:
+        """FLUX.1-dev guidance: the distilled-guidance embedding set to ``scale`` (no CFG, one forward)."""
+        if not self.has_guidance_embedding(net):
+            raise ValueError("flux: guided_predict needs a guidance-distilled transformer (guidance_embeds=True); "
+                             "the student has none (decision 4)")
+        return self.predict(net, x, tau, cond, guidance=scale)

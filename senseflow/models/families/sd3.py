@@ -1,0 +1,132 @@
+"""SD3 / SD3.5 family (Medium and Large are presets of one family): MMDiT, rectified flow, static shift.
+
+Text conditioning (METHOD.md §12):
+
+* CLIP part: [h₋₂(CLIP-L) ; h₋₂(CLIP-G)] on channels (77 tokens; 768 + 1280 = 2048 for the real teacher),
+  zero-padded on the channel axis to the T5 width (4096). A CLIP width larger than the T5 width is an error
+  (the stock pipeline would silently crop it);
+* T5 part: T5 last hidden state with ``t5_max_length`` tokens (77 in SenseFlow; the pipeline default is 256);
+* prompt_embeds = [CLIP part ; T5 part] on the sequence axis: (B, 77 + 77, 4096);
+* pooled = [proj(CLIP-L) ; proj(CLIP-G)] (B, 768 + 1280);
+* unconditional = the same encoding of the empty prompt "".
+
+The transformer takes the timestep 1000·σ; it predicts the velocity v ≈ ε − x₀.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from senseflow.method.schedules import Schedule
+from senseflow.models.families.base import Condition
+from senseflow.models.families.loading import DiffusersFamily, flow_schedule_from_config
+
+__all__ = ["SD3Family"]
+
+
+class SD3Family(DiffusersFamily):
+    """SD3.5 teacher from a local diffusers folder (transformer, vae, text_encoder[_2,_3], tokenizer[_2,_3],
+    scheduler). ``t5_max_length`` is the T5 token count (77 as in SenseFlow's training)."""
+
+    name = "sd3"
+    denoiser_subfolder = "transformer"
+    component_subfolders = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    #: the transformer's timestep argument is timestep_scale·σ
+    timestep_scale = 1000.0
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        denoiser_dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype = torch.float32,
+        text_dtype: torch.dtype = torch.float32,
+        clip_max_length: int = 77,
+        t5_max_length: int = 77,
+        student_path: str | Path | None = None,
+        text_device: torch.device | str | None = None,
+    ) -> None:
+        from diffusers import SD3Transformer2DModel
+
+        self.denoiser_class = SD3Transformer2DModel
+        super().__init__(path, device, denoiser_dtype, vae_dtype, text_dtype, clip_max_length, student_path, text_device)
+        if t5_max_length < 1:
+            raise ValueError(f"t5_max_length must be positive, got {t5_max_length}")
+        self.t5_max_length = int(t5_max_length)
+
+    def _load_text(self) -> dict[str, Any]:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        text = {
+            "tokenizer": self._load(AutoTokenizer, "tokenizer"),
+            "tokenizer_2": self._load(AutoTokenizer, "tokenizer_2"),
+            "tokenizer_3": self._load(AutoTokenizer, "tokenizer_3"),
+            "text_encoder": self._load(CLIPTextModelWithProjection, "text_encoder", self.text_dtype, self.text_device),
+            "text_encoder_2": self._load(CLIPTextModelWithProjection, "text_encoder_2", self.text_dtype, self.text_device),
+            "text_encoder_3": self._load(T5EncoderModel, "text_encoder_3", self.text_dtype, self.text_device),
+        }
+        clip_width = text["text_encoder"].config.hidden_size + text["text_encoder_2"].config.hidden_size
+        t5_width = text["text_encoder_3"].config.d_model
+        if clip_width > t5_width:
+            raise ValueError(
+                f"sd3: CLIP-L + CLIP-G hidden width {clip_width} exceeds the T5 width {t5_width} in {self.path}; "
+                "the CLIP embeddings would be cropped (they are zero-padded to the T5 width)"
+            )
+        return text
+
+    def block_types(self) -> tuple[type, ...]:
+        from diffusers.models.attention import JointTransformerBlock
+
+        return (JointTransformerBlock,)
+
+    def _latent_multiple(self) -> int:
+        return int(self.denoiser_config.get("patch_size", 2))
+
+    # ---- schedule ------------------------------------------------------------------------------------------
+    def schedule(self, height: int, width: int) -> Schedule:
+        """FlowSchedule(timestep_scale=1000, shift = the config's shift, 3 for SD3.5)."""
+        _, h, w = self.latent_shape(height, width)
+        p = self._latent_multiple()
+        return flow_schedule_from_config(self.scheduler_config, self.timestep_scale, (h // p) * (w // p))
+
+    # ---- text ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], original_sizes: Tensor | None = None,
+                       crop_coords: Tensor | None = None) -> Condition:
+        """[pad([h₋₂(CLIP-L) ; h₋₂(CLIP-G)]) ; T5] on the sequence axis, pooled = [proj L ; proj G] (§12).
+
+        ``original_sizes`` and ``crop_coords`` are SDXL-only and ignored.
+        """
+        prompts = list(prompts)
+        t = self.text
+        hidden, pooled = [], []
+        for tok, enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+            out = t[enc](self._tokenize(t[tok], prompts, self.clip_max_length), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        t5 = t["text_encoder_3"](self._tokenize(t["tokenizer_3"], prompts, self.t5_max_length))[0]
+        clip = torch.cat(hidden, dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return Condition(
+            prompt_embeds=torch.cat([clip, t5], dim=-2).to(self.device),
+            pooled=torch.cat(pooled, dim=-1).to(self.device),
+        )
+
+    # ---- denoiser ------------------------------------------------------------------------------------------
+    def predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None) -> Tensor:
+        """v̂ = MMDiT(x_σ, 1000·σ, prompt_embeds, pooled); ``guidance`` unused (SD3.5 has no guidance embedding)."""
+        xin, c, _ = self._cast_inputs(net, x, cond)
+        sigma = torch.as_tensor(tau, device=x.device, dtype=torch.float32)
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        out = net(
+            hidden_states=xin,
+            timestep=sigma * self.timestep_scale,
+            encoder_hidden_states=c.prompt_embeds,
+            pooled_projections=c.pooled,
+            return_dict=False,
+        )[0]
+        return out.to(x.dtype)

@@ -1,0 +1,143 @@
+"""SDXL family: UNet with ε-prediction on a DDPM schedule, two CLIP text encoders and size/crop micro-conditioning.
+
+Text conditioning (METHOD.md §12):
+
+* prompt_embeds = [h₋₂(CLIP-L) ; h₋₂(CLIP-G)] on the channel axis (penultimate hidden states, 77 tokens):
+  (B, 77, 768 + 1280) for the real teacher;
+* pooled = the projected ``text_embeds`` of text_encoder_2 (B, 1280);
+* time_ids = [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (B, 6);
+* unconditional = zeros for prompt_embeds and pooled, with the conditional branch's time_ids.
+
+The UNet takes the integer t ∈ {0..999} and ``added_cond_kwargs={"text_embeds", "time_ids"}``.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from senseflow.method.schedules import DDPMSchedule, Schedule
+from senseflow.models.families.base import Condition
+from senseflow.models.families.loading import DiffusersFamily
+
+__all__ = ["SDXLFamily"]
+
+
+def _size_pairs(value: Tensor | Sequence | None, batch: int, default: tuple[int, int], name: str) -> Tensor:
+    """A (B, 2) float tensor from None (→ ``default``), one pair, or B pairs."""
+    if value is None:
+        return torch.tensor([default], dtype=torch.float32).expand(batch, 2)
+    t = torch.as_tensor(value, dtype=torch.float32).cpu()
+    if t.shape == (2,):
+        return t.expand(batch, 2)
+    if t.shape != (batch, 2):
+        raise ValueError(f"sdxl: {name} must be None, one (h, w) pair or a ({batch}, 2) tensor; got shape {tuple(t.shape)}")
+    return t
+
+
+class SDXLFamily(DiffusersFamily):
+    """SDXL teacher from a local diffusers folder (unet, vae, text_encoder[_2], tokenizer[_2], scheduler).
+
+    ``resolution`` is the generation size (target size of the micro-conditioning, and the default original
+    size); an int means a square image.
+    """
+
+    name = "sdxl"
+    denoiser_subfolder = "unet"
+    component_subfolders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        denoiser_dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype = torch.float32,
+        text_dtype: torch.dtype = torch.float32,
+        clip_max_length: int = 77,
+        student_path: str | Path | None = None,
+        text_device: torch.device | str | None = None,
+        resolution: int | tuple[int, int] = 1024,
+    ) -> None:
+        from diffusers import UNet2DConditionModel
+
+        self.denoiser_class = UNet2DConditionModel
+        super().__init__(path, device, denoiser_dtype, vae_dtype, text_dtype, clip_max_length, student_path, text_device)
+        self.target_size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        if self.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(
+                f"sdxl: {self.path / 'scheduler' / 'scheduler_config.json'} has prediction_type "
+                f"{self.scheduler_config.get('prediction_type')!r}; only 'epsilon' is supported"
+            )
+
+    def _load_text(self) -> dict[str, Any]:
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        return {
+            "tokenizer": self._load(AutoTokenizer, "tokenizer"),
+            "tokenizer_2": self._load(AutoTokenizer, "tokenizer_2"),
+            "text_encoder": self._load(CLIPTextModel, "text_encoder", self.text_dtype, self.text_device),
+            "text_encoder_2": self._load(CLIPTextModelWithProjection, "text_encoder_2", self.text_dtype, self.text_device),
+        }
+
+    def block_types(self) -> tuple[type, ...]:
+        from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UpBlock2D
+
+        return (DownBlock2D, CrossAttnDownBlock2D, UpBlock2D, CrossAttnUpBlock2D)
+
+    # ---- schedule ------------------------------------------------------------------------------------------
+    def schedule(self, height: int, width: int) -> Schedule:
+        """DDPM ᾱ from the teacher's scheduler config (scaled-linear β 0.00085 → 0.012, 1000 steps)."""
+        return DDPMSchedule.from_scheduler_config(self.scheduler_config)
+
+    # ---- text ----------------------------------------------------------------------------------------------
+    def time_ids(self, batch: int, original_sizes: Tensor | Sequence | None = None, crop_coords: Tensor | Sequence | None = None) -> Tensor:
+        """(B, 6) = [orig_h, orig_w, crop_top, crop_left, target_h, target_w]; defaults: original = target, crop 0."""
+        orig = _size_pairs(original_sizes, batch, self.target_size, "original_sizes")
+        crop = _size_pairs(crop_coords, batch, (0, 0), "crop_coords")
+        target = torch.tensor([self.target_size], dtype=torch.float32).expand(batch, 2)
+        return torch.cat([orig, crop, target], dim=1).to(self.device)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], original_sizes: Tensor | Sequence | None = None,
+                       crop_coords: Tensor | Sequence | None = None) -> Condition:
+        """[h₋₂(CLIP-L) ; h₋₂(CLIP-G)], pooled = CLIP-G projection, time ids from sizes and crops (§12)."""
+        prompts = list(prompts)
+        t = self.text
+        hidden = []
+        out = None
+        for tok, enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+            ids = self._tokenize(t[tok], prompts, self.clip_max_length)
+            out = t[enc](ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        return Condition(
+            prompt_embeds=torch.cat(hidden, dim=-1).to(self.device),
+            pooled=out.text_embeds.to(self.device),
+            time_ids=self.time_ids(len(prompts), original_sizes, crop_coords),
+        )
+
+    def _compute_unconditional(self) -> Condition:
+        """Zeros for prompt_embeds and pooled (the SDXL reference's unconditional branch)."""
+        c = self.encode_prompts([""])
+        return replace(c, prompt_embeds=torch.zeros_like(c.prompt_embeds), pooled=torch.zeros_like(c.pooled))
+
+    def _unconditional_like(self, cond: Condition) -> Condition:
+        """Zeros with the conditional branch's own time ids."""
+        return replace(self.unconditional(len(cond)), time_ids=cond.time_ids)
+
+    # ---- denoiser ------------------------------------------------------------------------------------------
+    def predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None) -> Tensor:
+        """ε̂ = UNet(x_t, t, prompt_embeds, added_cond_kwargs={text_embeds: pooled, time_ids}); ``guidance`` unused."""
+        xin, c, _ = self._cast_inputs(net, x, cond)
+        t = torch.as_tensor(tau, device=x.device)
+        t = (t.expand(x.shape[0]) if t.ndim == 0 else t).long()
+        out = net(
+            xin,
+            t,
+            encoder_hidden_states=c.prompt_embeds,
+            added_cond_kwargs={"text_embeds": c.pooled, "time_ids": c.time_ids.to(x.device)},
+            return_dict=False,
+        )[0]
+        return out.to(x.dtype)
