@@ -1,0 +1,346 @@
+"""Loading a distilled student G_θ from any of the forms a user may hold, safely and with clear errors.
+
+Accepted forms of ``checkpoint`` (METHOD.md §15-§16):
+
+* a ``.pth`` / ``.pt`` / ``.bin`` file read with ``torch.load(weights_only=True)``: either ``{"model": state_dict}``
+  (the authors' ``ckpt_model_N.pth``) or a bare state dict;
+* a ``.safetensors`` file (e.g. ``student.safetensors`` of one of our training checkpoints);
+* a diffusers folder: a whole exported pipeline (the student in ``transformer/`` or ``unet/``), or a bare model
+  folder holding ``config.json`` and ``diffusion_pytorch_model*.safetensors`` (the released ``SenseFlow-FLUX``);
+* one of our training checkpoints (``iter_XXXXXX/``, DCP) or its parent ``checkpoints/`` folder with ``latest``:
+  the consolidated ``student.safetensors`` when present, otherwise the generator's entries of the DCP shards.
+
+The student's architecture always comes from a diffusers model config (its ``_class_name`` names the class). Keys are
+compared with the architecture *before* any weight is read, from the safetensors header or a memory-mapped
+``torch.load``: a mismatch is a :class:`CheckpointMismatchError` that names a few missing and unexpected keys.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointMismatchError",
+    "StudentSource",
+    "DENOISER_SUBFOLDERS",
+    "DENOISER_CLASSES",
+    "resolve_student_source",
+    "denoiser_class",
+    "read_json",
+    "student_config",
+    "empty_model",
+    "checkpoint_shapes",
+    "check_keys",
+    "read_state_dict",
+    "load_student",
+]
+
+#: subfolders of a diffusers pipeline folder that may hold the denoiser, in search order
+DENOISER_SUBFOLDERS: tuple[str, ...] = ("transformer", "unet")
+#: the diffusers classes a student may be (``_class_name`` of its config is checked against this list)
+DENOISER_CLASSES: tuple[str, ...] = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+#: wrapper prefixes that DDP, torch.compile and FSDP1 add to parameter names
+_WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+#: keys of a ``torch.save``-d dict that may hold the student's state dict, in preference order
+_STATE_KEYS: tuple[str, ...] = ("model", "state_dict", "generator", "student")
+#: DCP prefixes that name the generator, in preference order (others, e.g. the fake score, are never chosen)
+_DCP_PREFERRED: tuple[str, ...] = ("model/generator.", "model/student.", "model/G.", "generator.", "model.")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the student architecture."""
+
+
+@dataclass(frozen=True)
+class StudentSource:
+    """Where the student's weights (and, for a diffusers folder, its config) live.
+
+    ``kind`` is one of ``pth``, ``safetensors``, ``diffusers`` (``path`` is the model folder itself) or ``dcp``.
+    """
+
+    kind: str
+    path: Path
+    config_path: Path | None = None
+
+
+def read_json(path: Path | str) -> dict[str, Any]:
+    """A JSON object from ``path`` with a one-line error naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _model_folder(folder: Path) -> Path | None:
+    """The folder holding a diffusers model config + weights: ``folder`` itself or its transformer/ or unet/."""
+    for cand in (folder, *(folder / s for s in DENOISER_SUBFOLDERS)):
+        if (cand / "config.json").is_file() and (
+            any(cand.glob("diffusion_pytorch_model*.safetensors")) or any(cand.glob("*.safetensors"))
+        ):
+            return cand
+    return None
+
+
+def resolve_student_source(checkpoint: Path | str) -> StudentSource:
+    """Classify ``checkpoint`` (see the module docstring); raises FileNotFoundError / ValueError with its name."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"student checkpoint not found: {path}")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return StudentSource("safetensors", path)
+        if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+            return StudentSource("pth", path)
+        raise ValueError(f"student checkpoint {path}: unknown file type {suffix!r} (expected .pth, .pt, .bin or .safetensors)")
+    # folders: a run's checkpoints/ with a 'latest' pointer -> the newest complete checkpoint
+    if (path / "latest").is_file() and not (path / ".metadata").exists():
+        path = path / (path / "latest").read_text().strip()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{checkpoint}/latest names {path.name}, which does not exist")
+    if (path / "student.safetensors").is_file():
+        return StudentSource("safetensors", path / "student.safetensors")
+    if (path / ".metadata").is_file():
+        return StudentSource("dcp", path)
+    model_dir = _model_folder(path)
+    if model_dir is not None:
+        return StudentSource("diffusers", model_dir, model_dir / "config.json")
+    raise ValueError(
+        f"student checkpoint folder {path} holds neither a diffusers model (config.json + *.safetensors, or a "
+        f"transformer/ or unet/ subfolder with them), a student.safetensors, nor a DCP checkpoint (.metadata)"
+    )
+
+
+def denoiser_class(config: Mapping[str, Any], fallback: str | None = None) -> type[nn.Module]:
+    """The diffusers class named by a model config's ``_class_name`` (or ``fallback``), restricted to students."""
+    import diffusers
+
+    name = config.get("_class_name") or fallback
+    if name not in DENOISER_CLASSES:
+        raise ValueError(f"model config names class {name!r}; a student must be one of {', '.join(DENOISER_CLASSES)}")
+    return getattr(diffusers, name)
+
+
+def student_config(base_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of ``base_config`` with ``overrides`` applied (FLUX: ``{"guidance_embeds": False}``, decision 4)."""
+    cfg = dict(base_config)
+    cfg.update(overrides or {})
+    return cfg
+
+
+def empty_model(config: Mapping[str, Any], fallback_class: str | None = None) -> nn.Module:
+    """The architecture of ``config`` with parameters on the meta device (no memory); buffers stay real."""
+    from accelerate import init_empty_weights
+
+    cls = denoiser_class(config, fallback_class)
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(dict(config))
+    return model
+
+
+def _strip_wrappers(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+    return name.replace("._fsdp_wrapped_module", "").replace("._checkpoint_wrapped_module", "")
+
+
+def _unwrap_saved_dict(obj: Any, path: Path) -> Mapping[str, Any]:
+    """``{"model": sd}`` (and a few other wrappers) or a bare state dict → the state dict."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict or {{'model': state_dict}}")
+    if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return obj
+    for key in _STATE_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+            return inner
+    raise ValueError(
+        f"{path} holds a dict with keys {sorted(map(str, obj))[:6]}; expected a state dict of tensors or one under "
+        f"one of {list(_STATE_KEYS)}"
+    )
+
+
+def _load_pth(path: Path) -> Mapping[str, Tensor]:
+    """``torch.load(weights_only=True)`` (memory-mapped when the file allows it): only tensors and plain containers."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol N": the error below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or a pickle with objects that weights_only refuses
+        raise ValueError(
+            f"{path} is not a checkpoint that torch.load(weights_only=True) can read ({type(exc).__name__}); "
+            "expected tensors in plain dicts"
+        ) from None
+    return _unwrap_saved_dict(obj, path)
+
+
+def _safetensors_files(source: StudentSource) -> list[Path]:
+    if source.kind == "safetensors":
+        return [source.path]
+    index = sorted(source.path.glob("*.safetensors.index.json"))
+    if index:
+        names = sorted(set(read_json(index[0]).get("weight_map", {}).values()))
+        return [source.path / n for n in names]
+    files = sorted(source.path.glob("diffusion_pytorch_model*.safetensors")) or sorted(source.path.glob("*.safetensors"))
+    return files
+
+
+def _dcp_metadata(path: Path) -> dict[str, Any]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return dict(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def _dcp_prefix(meta: Mapping[str, Any], expected: Iterable[str], path: Path) -> str:
+    """The key prefix under which the DCP checkpoint stores the generator's parameters."""
+    expected = list(expected)
+    probe = expected[0]
+    candidates = sorted({k[: -len(probe)] for k in meta if k.endswith(probe)})
+    complete = [p for p in candidates if all(p + e in meta for e in expected)]
+    for pref in _DCP_PREFERRED:
+        if pref in complete:
+            return pref
+    generator_like = [p for p in complete if any(w in p.lower() for w in ("generator", "student"))]
+    if len(generator_like) == 1:
+        return generator_like[0]
+    if not complete:
+        raise CheckpointMismatchError(
+            f"DCP checkpoint {path} holds no complete set of the student's parameters "
+            f"(prefixes seen for {probe!r}: {candidates[:4] or 'none'})"
+        )
+    raise CheckpointMismatchError(f"DCP checkpoint {path} holds several candidate students {complete[:4]}; cannot tell which is the generator")
+
+
+def checkpoint_shapes(source: StudentSource, expected: Iterable[str] = ()) -> dict[str, tuple[int, ...]]:
+    """Parameter names → shapes of ``source`` without reading the tensors (safetensors header, mmap, DCP metadata).
+
+    Names are returned without wrapper prefixes (``module.``, ``_orig_mod.``). ``expected`` is needed for DCP only.
+    """
+    if source.kind == "pth":
+        return {_strip_wrappers(k): tuple(v.shape) for k, v in _load_pth(source.path).items()}
+    if source.kind in ("safetensors", "diffusers"):
+        from safetensors import safe_open
+
+        out: dict[str, tuple[int, ...]] = {}
+        files = _safetensors_files(source)
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights in {source.path}")
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    for k in handle.keys():
+                        out[_strip_wrappers(k)] = tuple(handle.get_slice(k).get_shape())
+            except Exception as exc:  # header corrupt / not a safetensors file
+                raise ValueError(f"{f} is not a readable safetensors file ({exc})".splitlines()[0]) from None
+        return out
+    if source.kind == "dcp":
+        meta = _dcp_metadata(source.path)
+        prefix = _dcp_prefix(meta, expected, source.path)
+        return {k[len(prefix):]: tuple(v.size) for k, v in meta.items() if k.startswith(prefix) and hasattr(v, "size")}
+    raise ValueError(f"unknown checkpoint kind {source.kind!r}")
+
+
+def _few(names: Iterable[str], n: int = 3) -> str:
+    names = sorted(names)
+    more = f", … (+{len(names) - n})" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def check_keys(
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[int, ...]],
+    where: str,
+    ignore_prefixes: Sequence[str] = (),
+) -> list[str]:
+    """Compare names and shapes; raise :class:`CheckpointMismatchError` naming a few offenders.
+
+    Keys of ``found`` under ``ignore_prefixes`` and absent from ``expected`` (FLUX.1-dev's
+    ``time_text_embed.guidance_embedder.*`` when the student has ``guidance_embeds=False``, §3.6) are dropped and
+    returned.
+    """
+    ignored = [k for k in found if k not in expected and any(k.startswith(p) for p in ignore_prefixes)]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected and k not in ignored]
+    wrong = [f"{k} {tuple(found[k])}≠{tuple(expected[k])}" for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches ({_few(wrong, 2)})")
+        raise CheckpointMismatchError(f"checkpoint does not match {where}: " + "; ".join(parts))
+    return ignored
+
+
+def read_state_dict(source: StudentSource, expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+    """All tensors of ``source`` (CPU, as stored), with wrapper prefixes stripped."""
+    if source.kind == "pth":
+        return {_strip_wrappers(k): v for k, v in _load_pth(source.path).items()}
+    if source.kind in ("safetensors", "diffusers"):
+        from safetensors.torch import load_file
+
+        out: dict[str, Tensor] = {}
+        for f in _safetensors_files(source):
+            out.update({_strip_wrappers(k): v for k, v in load_file(str(f), device="cpu").items()})
+        return out
+    if source.kind == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        meta = _dcp_metadata(source.path)
+        names = list(expected) if expected is not None else []
+        prefix = _dcp_prefix(meta, names, source.path)
+        state = {prefix + k: torch.empty(tuple(meta[prefix + k].size), dtype=meta[prefix + k].properties.dtype) for k in names}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(source.path), no_dist=True)
+        return {k[len(prefix):]: v for k, v in state.items()}
+    raise ValueError(f"unknown checkpoint kind {source.kind!r}")
+
+
+def load_student(
+    source: StudentSource,
+    config: Mapping[str, Any],
+    dtype: torch.dtype | None = torch.float32,
+    device: torch.device | str = "cpu",
+    ignore_prefixes: Sequence[str] = (),
+    fallback_class: str | None = None,
+    where: str = "the student",
+) -> nn.Module:
+    """Build the architecture of ``config`` and load ``source`` into it (strict), in ``dtype`` on ``device``.
+
+    ``dtype=None`` keeps the stored dtype (parameters take the checkpoint's tensors, ``load_state_dict(assign=True)``).
+    Keys and shapes are checked first (:func:`check_keys`), so a mismatch costs no weight reading. The module is
+    returned in eval mode with gradients off.
+    """
+    model = empty_model(config, fallback_class)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(expected, checkpoint_shapes(source, expected), where, ignore_prefixes)
+    state = read_state_dict(source, expected)
+    state = {k: v for k, v in state.items() if k in expected}
+    model.load_state_dict(state, strict=True, assign=True)
+    # nn.Module.to: ModelMixin.to warns about fp32-kept modules, and students have none
+    nn.Module.to(model, device=device) if dtype is None else nn.Module.to(model, device=device, dtype=dtype)
+    return model.eval().requires_grad_(False)

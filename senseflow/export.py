@@ -1,0 +1,286 @@
+"""Export a distilled student as a complete diffusers folder that the stock pipeline loads (METHOD.md §16, §20.6).
+
+``senseflow export --teacher DIR --checkpoint CKPT --family {sdxl,sd3,flux} --out DIR [--steps 4]`` writes
+
+* every component of the teacher folder (hard-linked where the file system allows, else copied), except
+* the denoiser: the student G_θ in ``transformer/`` or ``unet/`` (``save_pretrained``, safetensors; FLUX with
+  ``guidance_embeds=false``, decision 4),
+* a scheduler with which the stock pipeline runs *our* Euler sampler x ← x + (τ_{k+1} − τ_k)·v on our anchors:
+
+  - FLUX: the teacher's ``FlowMatchEulerDiscreteScheduler`` (dynamic shift) unchanged; ``FluxPipeline`` with
+    ``num_inference_steps=N`` uses σ_k = shift_μ(1 − k/N), μ from the image-token count, our anchors; no guidance;
+  - SD3.5: the teacher's ``FlowMatchEulerDiscreteScheduler`` (shift 3) unchanged; pass ``sigmas=[1 − k/N]``
+    (shift 3 gives 1, .9, .75, .5 for N = 4), ``guidance_scale=1`` and ``max_sequence_length=77`` (the training T5
+    length);
+  - SDXL: an ``EulerDiscreteScheduler`` with the teacher's β (``timestep_spacing="leading"`` so that the initial
+    latent is ε itself, as in training); pass ``timesteps=[999, 749, 499, 249]`` and ``guidance_scale=0``. Euler in
+    σ-space on ε-predictions is the DDIM move of our sampler (ᾱ_{−1} := 1 at the end).
+
+* ``README.md`` with the exact pipeline call and ``senseflow_export.json`` (family, steps, anchors, pipeline
+  keyword arguments, source checkpoint).
+
+The folder is written under a temporary name beside ``--out`` and renamed when complete; a non-empty ``--out`` is
+refused (exit 2) unless ``--overwrite``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from senseflow.checkpoint_io import (
+    check_keys,
+    checkpoint_shapes,
+    denoiser_class,
+    empty_model,
+    load_student,
+    read_json,
+    resolve_student_source,
+    student_config,
+)
+from senseflow.inference import PIPELINE_CLASSES, SPECS, UsageError, check_teacher_folder, quiet_library_progress
+
+__all__ = ["FAMILIES", "PIPELINES", "pipeline_kwargs", "sdxl_timesteps", "flow_grid", "readme_text", "export", "main_export"]
+
+#: the inference spec (class names, overrides, ignored keys) of each exportable family
+FAMILIES: dict[str, str] = {"sdxl": "sdxl", "sd3": "sd35-medium", "flux": "flux"}
+#: the stock pipeline class of each family
+PIPELINES: dict[str, str] = PIPELINE_CLASSES
+_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: SD3.5's training T5 length (§12); the pipeline's default is 256
+SD3_MAX_SEQUENCE_LENGTH = 77
+
+
+def flow_grid(steps: int) -> list[float]:
+    """The unshifted σ grid u_k = 1 − k/N (k = 0..N−1) of a flow family's N-step anchors: [1, .75, .5, .25] for 4."""
+    return [1.0 - k / steps for k in range(steps)]
+
+
+def sdxl_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """SDXL anchors t_k = (T − 1) − k·T/N: [999, 749, 499, 249] for N = 4 (the reference's ``range(999, 0, -250)``)."""
+    return [int(num_train_timesteps - 1 - k * num_train_timesteps // steps) for k in range(steps)]
+
+
+def pipeline_kwargs(family: str, steps: int) -> dict[str, Any]:
+    """Keyword arguments with which the stock pipeline reproduces our N-step Euler sampler on the exported folder."""
+    if family == "flux":
+        return {"num_inference_steps": steps}
+    if family == "sd3":
+        return {"sigmas": flow_grid(steps), "guidance_scale": 1.0, "max_sequence_length": SD3_MAX_SEQUENCE_LENGTH}
+    if family == "sdxl":
+        return {"timesteps": sdxl_timesteps(steps), "guidance_scale": 0.0}
+    raise ValueError(f"unknown family {family!r} (expected one of {', '.join(FAMILIES)})")
+
+
+def _scheduler_config(family: str, teacher_config: dict[str, Any]) -> dict[str, Any]:
+    """The exported scheduler config (see the module docstring)."""
+    if family == "sdxl":
+        keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        cfg = {k: teacher_config[k] for k in keep if k in teacher_config}
+        cfg.update(_class_name="EulerDiscreteScheduler", prediction_type="epsilon", interpolation_type="linear",
+                   timestep_spacing="leading", steps_offset=1, use_karras_sigmas=False, final_sigmas_type="zero")
+        return cfg
+    name = teacher_config.get("_class_name")
+    if name != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"the teacher's scheduler is {name!r}; a {family} export needs FlowMatchEulerDiscreteScheduler")
+    if family == "flux" and not teacher_config.get("use_dynamic_shifting", False):
+        raise ValueError("the FLUX teacher's scheduler has no dynamic shifting; its anchors would not be FLUX's")
+    return dict(teacher_config)
+
+
+def readme_text(family: str, steps: int, out_name: str, source: str) -> str:
+    """README.md of an exported folder: what it holds and the exact pipeline call."""
+    pipe = PIPELINES[family]
+    kwargs = pipeline_kwargs(family, steps)
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    notes = {
+        "flux": "The student has no guidance embedding (`guidance_embeds: false`), so `guidance_scale` has no effect; "
+                "do not pass `negative_prompt` (that would switch on true CFG).",
+        "sd3": "`sigmas` are the *unshifted* grid; the scheduler's shift 3 turns them into the training anchors "
+               "σ = 1, 0.9, 0.75, 0.5. `guidance_scale=1` switches CFG off; `max_sequence_length=77` is the T5 "
+               "length used in training.",
+        "sdxl": "`timesteps` are the training anchors; `guidance_scale=0` switches CFG off. The scheduler is an "
+                "`EulerDiscreteScheduler` with the teacher's betas, which on ε-predictions is the DDIM move of the "
+                "SenseFlow Euler sampler.",
+    }[family]
+    return f"""# SenseFlow {steps}-step student ({family})
+
+Exported by `senseflow export` from `{source}`. This folder is a complete diffusers pipeline: the teacher's text
+encoders, tokenizers and VAE, and the distilled student in `{'unet' if family == 'sdxl' else 'transformer'}/`.
+
+```python
+import torch
+from diffusers import {pipe}
+
+pipe = {pipe}.from_pretrained("{out_name}", torch_dtype=torch.bfloat16).to("cuda")
+image = pipe("a photo of a red fox in the snow", {args}).images[0]
+image.save("fox.png")
+```
+
+{notes}
+
+This call runs the deterministic Euler sampler ("Ours (Euler)", METHOD.md §16.3). The stochastic sampler
+("Ours") re-noises between steps: run the SenseFlow inference script with this folder as both the teacher folder
+and `--checkpoint` (its default `--sampler` is `stochastic`).
+"""
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+
+def _link_or_copy(src: Path, dst: Path, copy: bool) -> None:
+    if not copy:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # cross-device, unsupported file system, ...
+            pass
+    shutil.copy2(src, dst)
+
+
+def _copy_tree(src: Path, dst: Path, skip: set[str], copy: bool) -> None:
+    """Mirror ``src`` into ``dst`` (files hard-linked unless ``copy``), leaving out top-level names in ``skip``."""
+    for root, dirs, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        if rel == Path("."):
+            dirs[:] = [d for d in dirs if d not in skip]
+            files = [f for f in files if f not in skip]
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            _link_or_copy(Path(root) / f, dst / rel / f, copy)
+
+
+def _publish_permissions(root: Path) -> None:
+    """Give the finished folder the permissions of a normally created one (``mkdtemp`` makes it 0700, and some
+    writers create 0600 files): folders 0777 and files 0666, minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(Path(dirpath) / d, 0o777 & ~umask)
+        for f in filenames:
+            path = Path(dirpath) / f
+            if path.stat().st_nlink == 1:  # never change a hard-linked teacher file
+                os.chmod(path, 0o666 & ~umask)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out`` (an existing ``out`` is moved aside first, then deleted)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(
+    teacher: Path | str,
+    checkpoint: Path | str,
+    family: str,
+    out: Path | str,
+    steps: int = 4,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    copy: bool = False,
+) -> Path:
+    """Write the exported folder (see the module docstring); returns ``out``. Inputs are checked before any
+    weight is read; raises FileExistsError / FileNotFoundError / ValueError."""
+    if family not in FAMILIES:
+        raise ValueError(f"--family {family!r} is unknown (expected one of: {', '.join(FAMILIES)})")
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    spec = SPECS[FAMILIES[family]]
+    teacher, out = Path(teacher), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    if out.resolve() == teacher.resolve():
+        raise ValueError("--out must differ from --teacher")
+    index = check_teacher_folder(teacher, spec.family)
+    sub = spec.denoiser_subfolder
+    cfg_path = teacher / sub / "config.json"
+    config = student_config(read_json(cfg_path), spec.student_overrides)
+    cls = denoiser_class(config, spec.student_class)
+    if cls.__name__ != spec.student_class:
+        raise ValueError(f"{cfg_path} describes a {cls.__name__}; --family {family} needs a {spec.student_class}")
+    sched = _scheduler_config(family, read_json(teacher / "scheduler" / "scheduler_config.json"))
+    source = resolve_student_source(checkpoint)
+    expected = {k: tuple(v.shape) for k, v in empty_model(config, spec.student_class).state_dict().items()}
+    check_keys(expected, checkpoint_shapes(source, expected), f"the {family} student ({cfg_path})", spec.ignore_prefixes)
+
+    quiet_library_progress()
+    student = load_student(source, config, dtype=dtype, ignore_prefixes=spec.ignore_prefixes,
+                           fallback_class=spec.student_class)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _copy_tree(teacher, tmp, skip={sub, "scheduler", "README.md", "senseflow_export.json"}, copy=copy)
+        student.save_pretrained(tmp / sub, safe_serialization=True)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, sort_keys=True) + "\n")
+        if family == "sdxl":
+            index = dict(index, scheduler=["diffusers", "EulerDiscreteScheduler"])
+            (tmp / "model_index.json").unlink(missing_ok=True)  # a hard link: never write through it
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        meta = {
+            "family": family,
+            "steps": steps,
+            "pipeline": PIPELINES[family],
+            "pipeline_kwargs": pipeline_kwargs(family, steps),
+            "checkpoint": str(checkpoint),
+            "teacher": str(teacher),
+        }
+        (tmp / "senseflow_export.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(readme_text(family, steps, str(out.resolve()), str(checkpoint)))
+        _publish_permissions(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def main_export(argv: Sequence[str] | None = None) -> int:
+    """``senseflow export``: returns 0, or 2 with a one-line error on stderr for bad input."""
+    p = _Parser(prog="senseflow export", description="Write a distilled student as a complete diffusers folder "
+                "(teacher components + student + a scheduler that reproduces the SenseFlow Euler sampler).")
+    p.add_argument("--teacher", required=True, help="the teacher's local diffusers folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="student: .pth, .safetensors, a training checkpoint folder (DCP) or a diffusers folder")
+    p.add_argument("--family", required=True, help=f"one of {', '.join(FAMILIES)}")
+    p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
+    p.add_argument("--steps", type=int, default=4, help="number of sampling steps written into the README call (default 4)")
+    p.add_argument("--dtype", default="auto", help="weights of the exported student: auto (as stored), fp32, bf16, fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--copy", action="store_true", help="copy the teacher's files instead of hard-linking them")
+    try:
+        args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+        if args.dtype not in _DTYPES:
+            raise UsageError(f"--dtype {args.dtype!r} is not one of {', '.join(_DTYPES)}")
+        out = export(args.teacher, args.checkpoint, args.family, args.out, steps=args.steps, overwrite=args.overwrite,
+                     dtype=_DTYPES[args.dtype], copy=args.copy)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (UsageError, FileExistsError, FileNotFoundError, ValueError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"senseflow export: error: {msg}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main_export())

@@ -1,0 +1,504 @@
+"""Few-step text-to-image inference with a distilled student (METHOD.md §16); shared by every ``scripts_*/`` script.
+
+Each script is a thin wrapper: it picks an :class:`InferenceSpec` (family, flag names, allowed step counts) and calls
+:func:`main`. A run
+
+1. checks every input before any weight is read: the teacher folder (``model_index.json`` and the components it
+   lists), the student config, the student checkpoint's keys against that config (safetensors header or a
+   memory-mapped ``torch.load``), the prompts file, the index range, the sampler, the step count and the image size;
+2. loads the teacher family's text encoders and VAE and the student G_θ (never the teacher's denoiser);
+3. generates one PNG per prompt, named by its global index in the prompts file (``00007.png``), with the sampler
+   of §16.3 on the anchors τ₀ > … > τ_{N−1} of N steps:
+
+   * ``stochastic`` ("Ours"): x ← ε; for k: x̂₀ ← x0_from(G(x, τ_k)); x ← renoise(x̂₀, ε_k, τ_{k+1}); output x̂₀;
+   * ``euler`` ("Ours (Euler)"): x ← ε; for k: x ← step(x, G(x, τ_k), τ_k, τ_{k+1}) with τ_N the clean end point.
+
+Prompt i is sampled with its own generator seeded ``seed + i`` (initial noise first, then the re-noising draws), so
+an image depends on its prompt index and the seed only, not on the batch size or on ``--start_idx``.
+
+Bad input prints one line ``<script>: error: <what is wrong>`` on stderr and returns exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from senseflow.checkpoint_io import (
+    StudentSource,
+    check_keys,
+    checkpoint_shapes,
+    denoiser_class,
+    empty_model,
+    load_student,
+    read_json,
+    resolve_student_source,
+    student_config,
+)
+
+__all__ = [
+    "InferenceSpec",
+    "SPECS",
+    "SAMPLERS",
+    "UsageError",
+    "build_parser",
+    "read_prompts",
+    "check_teacher_folder",
+    "pixel_multiple",
+    "prepare",
+    "prompt_generator",
+    "initial_latents",
+    "sample_stochastic_per_sample",
+    "load_runtime",
+    "generate",
+    "main",
+]
+
+#: the few-step samplers of METHOD.md §16.3
+SAMPLERS: tuple[str, ...] = ("stochastic", "euler")
+#: the prompts file shipped at the repository root (used when the default name is not in the working directory)
+DEFAULT_PROMPTS = "senseflow_test_prompts.txt"
+#: components every teacher folder of a family must hold (besides those its model_index.json lists)
+_REQUIRED_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+            "tokenizer_3", "scheduler"),
+    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+}
+#: the stock diffusers pipeline of each family (``_class_name`` of a teacher's model_index.json)
+PIPELINE_CLASSES: dict[str, str] = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+                                    "flux": "FluxPipeline"}
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """Drop transformers' import-time notice that image processors fall back to PIL without torchvision (the
+    project never installs torchvision, CPU_FEASIBILITY.md §0): it is not about the user's input."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
+
+
+class UsageError(ValueError):
+    """A command-line problem (argparse's own errors included); printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """What distinguishes one inference script from another; everything else is shared.
+
+    ``teacher_flag`` / ``config_flag`` are the authors' flag names (README: ``--flux_ckpt`` + ``--dit_config``,
+    ``--sdxl_ckpt`` + ``--unet_config``, ``--sd35_ckpt`` + ``--transformer_config``). ``student_overrides`` are
+    applied to the student config (FLUX: ``guidance_embeds=False``, decision 4) and checkpoint keys under
+    ``ignore_prefixes`` are dropped (FLUX.1-dev's guidance embedder, §3.6).
+    """
+
+    family: str
+    preset: str
+    title: str
+    teacher_flag: str
+    config_flag: str
+    student_class: str
+    denoiser_subfolder: str
+    default_sampler: str = "stochastic"
+    default_steps: int = 4
+    min_steps: int = 4
+    max_steps: int = 4
+    student_overrides: Mapping[str, Any] = field(default_factory=dict)
+    ignore_prefixes: tuple[str, ...] = ()
+
+
+_FLUX_GUIDANCE_PREFIX = ("time_text_embed.guidance_embedder.",)
+
+#: one spec per script of the authors' README (§16.1)
+SPECS: dict[str, InferenceSpec] = {
+    "flux": InferenceSpec(
+        family="flux", preset="flux", title="SenseFlow FLUX.1-dev student", teacher_flag="flux_ckpt",
+        config_flag="dit_config", student_class="FluxTransformer2DModel", denoiser_subfolder="transformer",
+        min_steps=4, max_steps=8, student_overrides={"guidance_embeds": False}, ignore_prefixes=_FLUX_GUIDANCE_PREFIX,
+    ),
+    "sdxl": InferenceSpec(
+        family="sdxl", preset="sdxl", title="SenseFlow SDXL student", teacher_flag="sdxl_ckpt",
+        config_flag="unet_config", student_class="UNet2DConditionModel", denoiser_subfolder="unet",
+    ),
+    "sdxl-dmd2": InferenceSpec(
+        family="sdxl", preset="sdxl", title="DMD2 SDXL student", teacher_flag="sdxl_ckpt",
+        config_flag="unet_config", student_class="UNet2DConditionModel", denoiser_subfolder="unet",
+    ),
+    "sd35-medium": InferenceSpec(
+        family="sd3", preset="sd35-medium", title="SenseFlow SD3.5 Medium student", teacher_flag="sd35_ckpt",
+        config_flag="transformer_config", student_class="SD3Transformer2DModel", denoiser_subfolder="transformer",
+    ),
+    "sd35-large": InferenceSpec(
+        family="sd3", preset="sd35-large", title="SenseFlow SD3.5 Large student", teacher_flag="sd35_ckpt",
+        config_flag="transformer_config", student_class="SD3Transformer2DModel", denoiser_subfolder="transformer",
+    ),
+}
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser(spec: InferenceSpec, prog: str | None = None) -> argparse.ArgumentParser:
+    """The script's arguments (the authors' names and defaults, §16.1, plus sampler / steps / seed / size)."""
+    p = _Parser(prog=prog, description=f"Generate images with a {spec.title} (one PNG per prompt, named by index).")
+    p.add_argument(f"--{spec.teacher_flag}", required=True, metavar="DIR",
+                   help="the teacher's local diffusers folder (text encoders, VAE, scheduler and the student config)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="student weights: .pth ({'model': state_dict} or a state dict), .safetensors, an exported "
+                        "diffusers folder (transformer/ or unet/), or a training checkpoint folder")
+    p.add_argument("--output_dir", default="./outputs", help="where the PNGs go (default: ./outputs)")
+    p.add_argument("--prompts_file", default=DEFAULT_PROMPTS,
+                   help=f"one prompt per line, blank lines skipped (default: {DEFAULT_PROMPTS}, the repository's "
+                        "23 prompts)")
+    p.add_argument("--start_idx", type=int, default=0, help="index of the first prompt (default: 0)")
+    p.add_argument("--num_prompts", type=int, default=23, help="number of prompts (default: 23; clipped at the file end)")
+    p.add_argument("--batch_size", type=int, default=1, help="prompts per forward pass (default: 1)")
+    if spec.family == "flux":
+        default_cfg = "<flux_ckpt>/transformer/config.json with guidance_embeds=false"
+    else:
+        default_cfg = f"<{spec.teacher_flag}>/{spec.denoiser_subfolder}/config.json"
+    p.add_argument(f"--{spec.config_flag}", default=None, metavar="JSON", help=f"student config (default: {default_cfg})")
+    p.add_argument("--sampler", default=spec.default_sampler,
+                   help=f"one of {', '.join(SAMPLERS)} (default: {spec.default_sampler})")
+    steps_help = f"{spec.min_steps}..{spec.max_steps}" if spec.max_steps > spec.min_steps else f"{spec.min_steps}"
+    p.add_argument("--steps", type=int, default=spec.default_steps, help=f"number of steps ({steps_help}; default {spec.default_steps})")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default: 0)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu), fp32, bf16 or fp16")
+    return p
+
+
+# ---- checks (no weights are read here) ----------------------------------------------------------------------
+
+def read_prompts(path: Path | str) -> list[str]:
+    """Non-empty, stripped lines of a UTF-8 prompts file (prompt indices count these lines); raises when the file
+    is missing or holds none."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"prompts file {path} is not a regular file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"prompts file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} is empty (expected one prompt per line)")
+    return prompts
+
+
+def _prompts_path(name: str) -> Path:
+    path = Path(name)
+    if not path.exists() and name == DEFAULT_PROMPTS:
+        shipped = Path(__file__).resolve().parent.parent / DEFAULT_PROMPTS
+        if shipped.is_file():
+            return shipped
+    return path
+
+
+def check_teacher_folder(folder: Path | str, family: str) -> dict[str, Any]:
+    """Check a teacher's diffusers folder; return its ``model_index.json``.
+
+    A folder of another family's pipeline is refused by name. Every component that ``model_index.json`` lists (non-null) and every component the family needs must be a
+    subfolder; model and scheduler folders must hold their ``config.json`` / ``scheduler_config.json``.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"teacher folder not found: {folder}")
+    if not folder.is_dir():
+        raise ValueError(f"teacher path {folder} is not a folder (expected a local diffusers pipeline folder)")
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else None
+    if index is None:
+        raise FileNotFoundError(f"teacher folder {folder} has no model_index.json (expected a diffusers pipeline folder)")
+    name = index.get("_class_name")
+    other = {p: f for f, p in PIPELINE_CLASSES.items() if f != family}
+    if name in other:
+        raise ValueError(f"teacher folder {folder} holds a {name} ({other[name]}); a {family} teacher is a "
+                         f"{PIPELINE_CLASSES[family]} folder")
+    listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None]
+    needed = list(dict.fromkeys([*_REQUIRED_COMPONENTS[family], *listed]))
+    for comp in needed:
+        sub = folder / comp
+        if not sub.is_dir():
+            raise FileNotFoundError(f"teacher folder {folder} is incomplete: missing {comp}/")
+        if comp == "scheduler":
+            if not (sub / "scheduler_config.json").is_file():
+                raise FileNotFoundError(f"teacher folder {folder} is incomplete: missing {comp}/scheduler_config.json")
+        elif not comp.startswith("tokenizer") and not (sub / "config.json").is_file():
+            raise FileNotFoundError(f"teacher folder {folder} is incomplete: missing {comp}/config.json")
+    return index
+
+
+def pixel_multiple(vae_config: Mapping[str, Any], denoiser_config: Mapping[str, Any], family: str) -> int:
+    """Image sides must be multiples of this: VAE factor 2^(levels−1) times the latent patch (FLUX 2×2 packing,
+    SD3 ``patch_size``; 1 for the SDXL UNet)."""
+    vae_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+    if family == "flux":
+        latent_multiple = 2
+    elif family == "sd3":
+        latent_multiple = int(denoiser_config.get("patch_size", 2))
+    else:
+        latent_multiple = 1  # the UNet pads odd sizes itself (diffusers' forward_upsample_size)
+    return vae_factor * latent_multiple
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise UsageError(f"--dtype {name!r} is not one of auto, fp32, bf16, fp16")
+    return _DTYPES[name]
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, checked; no weights loaded yet."""
+
+    spec: InferenceSpec
+    teacher_dir: Path
+    source: StudentSource
+    config: dict[str, Any]
+    items: list[tuple[int, str]]
+    output_dir: Path
+    sampler: str
+    steps: int
+    seed: int
+    height: int
+    width: int
+    batch_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def prepare(args: argparse.Namespace, spec: InferenceSpec) -> Plan:
+    """Check every argument and file, cheapest first; raise UsageError / FileNotFoundError / ValueError."""
+    if args.sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {args.sampler!r} is unknown (expected one of: {', '.join(SAMPLERS)})")
+    if not spec.min_steps <= args.steps <= spec.max_steps:
+        allowed = f"{spec.min_steps}..{spec.max_steps}" if spec.max_steps > spec.min_steps else str(spec.min_steps)
+        raise UsageError(f"--steps {args.steps} is not supported by this student (allowed: {allowed})")
+    if args.num_prompts < 1:
+        raise UsageError(f"--num_prompts must be at least 1, got {args.num_prompts}")
+    if args.start_idx < 0:
+        raise UsageError(f"--start_idx must be >= 0, got {args.start_idx}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.height < 1 or args.width < 1:
+        raise UsageError(f"--height and --width must be positive, got {args.height}x{args.width}")
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+
+    prompts = read_prompts(_prompts_path(args.prompts_file))
+    if args.start_idx >= len(prompts):
+        raise UsageError(f"--start_idx {args.start_idx} is beyond the end of {args.prompts_file} ({len(prompts)} prompts)")
+    stop = min(len(prompts), args.start_idx + args.num_prompts)
+    items = [(i, prompts[i]) for i in range(args.start_idx, stop)]
+
+    teacher_dir = Path(getattr(args, spec.teacher_flag))
+    check_teacher_folder(teacher_dir, spec.family)
+    source = resolve_student_source(args.checkpoint)
+    explicit_cfg = getattr(args, spec.config_flag)
+    if explicit_cfg is not None:
+        cfg_path = Path(explicit_cfg)
+    elif source.config_path is not None:
+        cfg_path = source.config_path
+    else:
+        cfg_path = teacher_dir / spec.denoiser_subfolder / "config.json"
+    config = student_config(read_json(cfg_path), spec.student_overrides)
+    cls = denoiser_class(config, spec.student_class)
+    if cls.__name__ != spec.student_class:
+        raise ValueError(f"{cfg_path} describes a {cls.__name__}; this script needs a {spec.student_class} config")
+
+    multiple = pixel_multiple(read_json(teacher_dir / "vae" / "config.json"), config, spec.family)
+    for name, side in (("height", args.height), ("width", args.width)):
+        if side % multiple:
+            raise UsageError(f"--{name} {side} must be a multiple of {multiple} for this teacher")
+    if spec.family == "sd3" and config.get("pos_embed_max_size"):
+        limit = int(config["pos_embed_max_size"]) * multiple
+        if max(args.height, args.width) > limit:
+            raise UsageError(f"--height/--width {args.height}x{args.width} exceed this model's maximum of {limit} px")
+
+    # the checkpoint's keys against the architecture: from headers / mmap only, before any weight is loaded
+    expected = {k: tuple(v.shape) for k, v in empty_model(config, spec.student_class).state_dict().items()}
+    check_keys(expected, checkpoint_shapes(source, expected), f"a {spec.student_class} built from {cfg_path}",
+               spec.ignore_prefixes)
+
+    return Plan(spec=spec, teacher_dir=teacher_dir, source=source, config=config, items=items,
+                output_dir=Path(args.output_dir), sampler=args.sampler, steps=args.steps, seed=args.seed,
+                height=args.height, width=args.width, batch_size=args.batch_size, device=device, dtype=dtype)
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+
+def prompt_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of prompt ``index``: seeded ``seed + index`` (independent of batch and start index)."""
+    return torch.Generator().manual_seed(int(seed) + int(index))
+
+
+def to_uint8_images(pixels: Tensor) -> list["Image.Image"]:  # noqa: F821
+    """Pixels in [−1, 1], (B, 3, H, W) → PIL RGB images, x ↦ round(255·(x+1)/2) clamped to [0, 255]."""
+    from PIL import Image
+
+    arr = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+
+
+def quiet_library_progress() -> None:
+    """Silence the per-file "Loading weights" / "Writing model shards" bars of transformers and diffusers."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def load_runtime(plan: Plan) -> tuple[Any, nn.Module]:
+    """The teacher family (text encoders and VAE, loaded lazily; never the teacher denoiser) and the student G_θ.
+
+    Text encoders run in the run's dtype, the VAE in fp32; SDXL's micro-conditioning target is (height, width).
+    """
+    from senseflow.models.families import build_family
+
+    quiet_library_progress()
+    kwargs: dict[str, Any] = {"path": plan.teacher_dir, "denoiser_dtype": plan.dtype, "text_dtype": plan.dtype,
+                              "vae_dtype": torch.float32}
+    if plan.spec.family == "sdxl":
+        kwargs["resolution"] = (plan.height, plan.width)
+    family = build_family(plan.spec.family, device=plan.device, **kwargs)
+    student = load_student(plan.source, plan.config, dtype=plan.dtype, device=plan.device,
+                           ignore_prefixes=plan.spec.ignore_prefixes, fallback_class=plan.spec.student_class)
+    return family, student
+
+
+def initial_latents(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device | str) -> Tensor:
+    """ε of one sample per generator, stacked: (len(generators), *shape), fp32, drawn on the CPU then moved."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def sample_stochastic_per_sample(family: Any, net: nn.Module, cond: Any, anchors: Tensor, schedule: Any,
+                                 latents: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """:func:`senseflow.method.sampling.sample_stochastic` with one generator per sample.
+
+    x ← ε; for k: x̂₀ ← x̂₀(x, G(x, τ_k)); x ← renoise(x̂₀, ε_k, τ_{k+1}) for k < K−1; output x̂₀ — where sample b's
+    fresh ε_k comes from ``generators[b]``, so its image does not depend on the other samples of the batch. With
+    one sample and the generator that drew its ε, the result equals ``sample_stochastic`` (tests/test_inference.py).
+    """
+    x, b = latents, latents.shape[0]
+    x0 = x
+    for k in range(anchors.numel()):
+        tau = anchors[k].expand(b)
+        x0 = schedule.x0_from(x, family.predict(net, x, tau, cond), tau)
+        if k + 1 < anchors.numel():
+            eps = initial_latents(x.shape[1:], generators, x.device).to(x.dtype)
+            x = schedule.renoise(x0, eps, anchors[k + 1].expand(b))
+    return x0
+
+
+@torch.no_grad()
+def generate(plan: Plan, family: Any, student: nn.Module, progress: bool = True) -> list[Path]:
+    """Sample every prompt of the plan and write ``<output_dir>/<index:05d>.png``; return the paths written.
+
+    Latents stay fp32 (the family casts the network's inputs to its dtype); prompt i's noise comes from
+    :func:`prompt_generator` (seed + i).
+    """
+    from tqdm import tqdm
+
+    from senseflow.method.sampling import make_anchors, sample_euler
+
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    schedule = family.schedule(plan.height, plan.width)
+    anchors = make_anchors(schedule, plan.steps).to(plan.device)
+    shape = family.latent_shape(plan.height, plan.width)
+    written: list[Path] = []
+    bar = tqdm(total=len(plan.items), unit="img", desc=plan.spec.title, disable=not progress, file=sys.stderr)
+    for start in range(0, len(plan.items), plan.batch_size):
+        batch = plan.items[start:start + plan.batch_size]
+        indices, texts = [i for i, _ in batch], [t for _, t in batch]
+        cond = _encode(family, texts, plan.height, plan.width)
+        gens = [prompt_generator(plan.seed, i) for i in indices]
+        noise = initial_latents(shape, gens, plan.device)
+        if plan.sampler == "euler":
+            x0 = sample_euler(family, student, cond, anchors, latents=noise, schedule=schedule)
+        else:
+            x0 = sample_stochastic_per_sample(family, student, cond, anchors, schedule, noise, gens)
+        pixels = family.decode_latents(x0.float())
+        for idx, img in zip(indices, to_uint8_images(pixels)):
+            path = plan.output_dir / f"{idx:05d}.png"
+            img.save(path)
+            written.append(path)
+        bar.update(len(batch))
+    bar.close()
+    return written
+
+
+def _encode(family: Any, texts: Sequence[str], height: int, width: int) -> Any:
+    """Prompt conditions; SDXL's micro-conditioning uses original size = target size (H, W) and crop (0, 0)."""
+    b = len(texts)
+    sizes = torch.tensor([[height, width]] * b)
+    crops = torch.zeros(b, 2, dtype=torch.long)
+    return family.encode_prompts(list(texts), original_sizes=sizes, crop_coords=crops)
+
+
+def _fail(prog: str, err: BaseException) -> int:
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, KeyError):
+        msg = f"missing key {msg}"
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None, spec: InferenceSpec | str = "flux", prog: str | None = None) -> int:
+    """Run one inference script; returns the exit code (0 success, 2 bad input)."""
+    spec = SPECS[spec] if isinstance(spec, str) else spec
+    prog = prog or Path(sys.argv[0]).name
+    parser = build_parser(spec, prog=prog)
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        plan = prepare(args, spec)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (UsageError, FileNotFoundError, NotADirectoryError, ValueError) as err:
+        return _fail(prog, err)
+    try:
+        family, student = load_runtime(plan)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        return _fail(prog, err)
+    written = generate(plan, family, student)
+    print(f"wrote {len(written)} images to {plan.output_dir}")
+    return 0
