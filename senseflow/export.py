@@ -45,7 +45,8 @@ from senseflow.checkpoint_io import (
     resolve_student_source,
     student_config,
 )
-from senseflow.inference import PIPELINE_CLASSES, SPECS, UsageError, check_teacher_folder, quiet_library_progress
+from senseflow.quiet import quiet_libraries
+from senseflow.inference import PIPELINE_CLASSES, SPECS, UsageError, check_teacher_folder
 
 __all__ = ["FAMILIES", "PIPELINES", "pipeline_kwargs", "sdxl_timesteps", "flow_grid", "readme_text", "export", "main_export"]
 
@@ -216,7 +217,7 @@ def export(
     expected = {k: tuple(v.shape) for k, v in empty_model(config, spec.student_class).state_dict().items()}
     check_keys(expected, checkpoint_shapes(source, expected), f"the {family} student ({cfg_path})", spec.ignore_prefixes)
 
-    quiet_library_progress()
+    quiet_libraries()
     student = load_student(source, config, dtype=dtype, ignore_prefixes=spec.ignore_prefixes,
                            fallback_class=spec.student_class)
     out.parent.mkdir(parents=True, exist_ok=True)

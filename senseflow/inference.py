@@ -21,7 +21,6 @@ Bad input prints one line ``<script>: error: <what is wrong>`` on stderr and ret
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from senseflow.quiet import quiet_libraries
 
 from senseflow.checkpoint_io import (
     StudentSource,
@@ -81,15 +82,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class _NoTorchvisionNotice(logging.Filter):
-    """Drop transformers' import-time notice that image processors fall back to PIL without torchvision (the
-    project never installs torchvision, CPU_FEASIBILITY.md §0): it is not about the user's input."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision" not in record.getMessage()
-
-
-logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
 
 class UsageError(ValueError):
@@ -378,15 +370,6 @@ def to_uint8_images(pixels: Tensor) -> list["Image.Image"]:  # noqa: F821
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
 
 
-def quiet_library_progress() -> None:
-    """Silence the per-file "Loading weights" / "Writing model shards" bars of transformers and diffusers."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def load_runtime(plan: Plan) -> tuple[Any, nn.Module]:
     """The teacher family (text encoders and VAE, loaded lazily; never the teacher denoiser) and the student G_θ.
 
@@ -394,7 +377,7 @@ def load_runtime(plan: Plan) -> tuple[Any, nn.Module]:
     """
     from senseflow.models.families import build_family
 
-    quiet_library_progress()
+    quiet_libraries()
     kwargs: dict[str, Any] = {"path": plan.teacher_dir, "denoiser_dtype": plan.dtype, "text_dtype": plan.dtype,
                               "vae_dtype": torch.float32}
     if plan.spec.family == "sdxl":

@@ -416,19 +416,75 @@ def build_tiny_discriminator_backbones(out_dir: str | Path, seed: int = 0, overw
     return paths
 
 
+# ---- tiny image-caption set ----------------------------------------------------------------------------------
+
+_SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+_SHAPES = ("circle", "square")
+
+
+def build_tiny_dataset(out_dir: str | Path, num_images: int = 16, size: tuple[int, int] = (80, 72), seed: int = 0,
+                       overwrite: bool = False) -> Path:
+    """A JSON image-caption set (METHOD.md §13.1 layout, relative paths) of coloured shapes for CPU runs.
+
+    Images are ``size`` = (width, height) RGB PNGs, deliberately not square so the loader's resize-and-crop runs;
+    captions say the colour and the shape ("a red circle on a white background"). Returns the JSON's path.
+    """
+    from PIL import Image, ImageDraw
+
+    out = _prepare_out_dir(out_dir, overwrite)
+    (out / "images").mkdir()
+    gen = torch.Generator().manual_seed(seed)
+    keys, paths, prompts = [], [], []
+    colours = list(_SHAPE_COLOURS)
+    w, h = size
+    for i in range(num_images):
+        colour, shape = colours[i % len(colours)], _SHAPES[(i // len(colours)) % len(_SHAPES)]
+        r = int(torch.randint(h // 6, h // 3, (), generator=gen))
+        cx = int(torch.randint(r, w - r, (), generator=gen))
+        cy = int(torch.randint(r, h - r, (), generator=gen))
+        img = Image.new("RGB", size, (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=_SHAPE_COLOURS[colour])
+        key = f"{i:08d}"
+        img.save(out / "images" / f"{key}.png")
+        keys.append(key)
+        paths.append(f"images/{key}.png")
+        prompts.append(f"a {colour} {shape} on a white background")
+    path = out / "dataset.json"
+    path.write_text(json.dumps({"keys": keys, "image_paths": paths, "prompts": prompts}, indent=1))
+    return path
+
+
+def build_tiny_assets(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Everything the tiny configs (configs/tiny/*.yaml) read, under ``out_dir``: one folder per tiny teacher
+    (sdxl, sd35-medium, sd35-large, flux), ``backbones/`` (DINOv2 and CLIP text) and ``data/dataset.json``."""
+    out = _prepare_out_dir(out_dir, overwrite)
+    for kind in TINY_KINDS:
+        build_tiny_teacher(kind, out / kind, seed=seed)
+    build_tiny_discriminator_backbones(out / "backbones", seed=seed)
+    build_tiny_dataset(out / "data", seed=seed)
+    return out
+
+
 # ---- CLI -----------------------------------------------------------------------------------------------------
 
 def main_tiny(argv: Sequence[str] | None = None) -> int:
     """``senseflow tiny --kind {sdxl,sd35-medium,sd35-large,flux,backbones} --out DIR [--seed 0] [--overwrite]``."""
     parser = argparse.ArgumentParser(prog="senseflow tiny", description="Write a tiny random teacher (diffusers layout) "
                                      "or the tiny VFM-discriminator backbones, for tests and CPU demos.")
-    parser.add_argument("--kind", required=True, choices=[*TINY_KINDS, "backbones"])
+    parser.add_argument("--kind", required=True, choices=[*TINY_KINDS, "backbones", "dataset", "all"],
+                        help="a teacher, the discriminator backbones, the tiny image-caption set, or all of them")
     parser.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     args = parser.parse_args(argv)
     try:
-        if args.kind == "backbones":
+        if args.kind == "all":
+            print(build_tiny_assets(args.out, seed=args.seed, overwrite=args.overwrite))
+        elif args.kind == "dataset":
+            print(build_tiny_dataset(args.out, seed=args.seed, overwrite=args.overwrite))
+        elif args.kind == "backbones":
             paths = build_tiny_discriminator_backbones(args.out, seed=args.seed, overwrite=args.overwrite)
             for name, p in paths.items():
                 print(f"{name}: {p}")

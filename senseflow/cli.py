@@ -1,0 +1,94 @@
+"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``.
+
+Errors a user can fix (bad config, missing folder, bad dataset) print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+import senseflow.quiet  # noqa: F401  (installs the torchvision-notice filter before transformers loads)
+
+
+def main_train(argv: Sequence[str]) -> int:
+    """``senseflow train --trainer NAME --config_path YAML --save_path DIR [--dry-run] [key=value ...]``."""
+    from senseflow.config import load_config, resolved_yaml, validate_paths
+    from senseflow.trainer import TRAINERS, get_trainer
+
+    p = argparse.ArgumentParser(prog="senseflow train", description="Distil a teacher with SenseFlow / DMD2.")
+    p.add_argument("--trainer", required=True, choices=sorted(TRAINERS))
+    p.add_argument("--config_path", "--config", dest="config_path", required=True, help="YAML preset")
+    p.add_argument("--save_path", "--save", dest="save_path", help="run folder (checkpoints, logs, previews)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.gd=10 train.iterations=100")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config_path, list(args.overrides))
+    if args.dry_run:
+        print(resolved_yaml(cfg), end="")
+        return 0
+    if not args.save_path:
+        raise_user_error("--save_path is required unless --dry-run is given")
+    validate_paths(cfg)
+    trainer_cls = get_trainer(args.trainer)
+    trainer_cls(cfg, args.save_path).run()
+    return 0
+
+
+def main_tiny(argv: Sequence[str]) -> int:
+    from senseflow.tiny import main_tiny as run
+
+    return run(list(argv))
+
+
+def main_data(argv: Sequence[str]) -> int:
+    from senseflow.data.cli import main_data as run
+
+    return run(list(argv))
+
+
+def main_export(argv: Sequence[str]) -> int:
+    from senseflow.export import main_export as run
+
+    return run(list(argv))
+
+
+def main_config(argv: Sequence[str]) -> int:
+    from senseflow.config import main_config_check as run
+
+    return run(list(argv))
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "train": main_train,
+    "tiny": main_tiny,
+    "data": main_data,
+    "export": main_export,
+    "config": main_config,
+}
+
+
+class UserError(Exception):
+    """An input problem the user can fix; printed as one line, exit code 2."""
+
+
+def raise_user_error(message: str) -> None:
+    raise UserError(message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(f"usage: senseflow {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (UserError, FileNotFoundError, ValueError) as err:
+        from senseflow.config import ConfigError  # noqa: F401  (ConfigError is a ValueError)
+
+        print(f"senseflow {argv[0]}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

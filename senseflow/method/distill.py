@@ -1,0 +1,179 @@
+"""One SenseFlow / DMD2 iteration's losses, model-agnostic (METHOD.md §1.2-§1.3, §4-§11).
+
+The :class:`Distiller` owns *what* is computed: the generator input (§4.2), the generator loss
+L_G = L_DMD + L_adv + λ_ISG·L_ISG (§1.2), the fake-score loss L_F (§6), the discriminator's hinge loss (§9.3) and
+the DMD2 baseline's classifier losses (§11). It never steps an optimiser: the trainer owns the order of updates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from senseflow.method import dmd, gan, isg
+from senseflow.method.isg import ISGOptions
+from senseflow.method.guidance import draw_guidance_scale
+from senseflow.method.rng import RunRNG
+from senseflow.method.sampling import backward_simulate
+from senseflow.method.schedules import Schedule, TimestepSampler
+from senseflow.models.families.base import Condition, TeacherFamily
+
+
+def sampler_from(cfg: Any) -> TimestepSampler:
+    """A :class:`TimestepSampler` from a config node (kind, low, high, mean, std, apply_shift)."""
+    return TimestepSampler(
+        kind=str(cfg.kind), low=int(cfg.low), high=int(cfg.high),
+        mean=float(cfg.mean), std=float(cfg.std), apply_shift=bool(cfg.apply_shift),
+    )
+
+
+@dataclass
+class Decisions:
+    """The draws of one iteration that every rank and every micro-batch share (decision 2)."""
+
+    backsim: bool
+    k: int
+    dmd_guidance: float
+    isg_guidance: float
+
+
+@dataclass
+class MicroBatch:
+    """Everything one micro-batch carries from the generator forward to the fake-score and discriminator steps."""
+
+    cond: Condition
+    text_embed: Tensor | None  # CLIP text embedding c for D (L2-normalised)
+    real_pixels: Tensor | None  # r: real image in [-1, 1] for D (real sample and reference)
+    real_latents: Tensor  # z_real
+    x_in: Tensor
+    tau_k: Tensor
+    pred: Tensor | None = None
+    x0_hat: Tensor | None = None
+    fake_pixels: Tensor | None = None  # decoded x̂₀ (detached) for D's fake branch
+    ref_feats: Any = None
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Distiller:
+    """SenseFlow (IDA + ISG + VFM GAN) or the DMD2 baseline, configured by ``cfg.method``."""
+
+    def __init__(
+        self,
+        method_cfg: Any,
+        family: TeacherFamily,
+        schedule: Schedule,
+        anchors: Tensor,
+        teacher: nn.Module,
+        generator: nn.Module,
+        fake: nn.Module,
+        discriminator: nn.Module | None = None,
+        text_conditioner: nn.Module | None = None,
+        dmd2_head: nn.Module | None = None,
+    ) -> None:
+        self.cfg = method_cfg
+        self.family, self.schedule, self.anchors = family, schedule, anchors
+        self.teacher, self.generator, self.fake = teacher, generator, fake
+        self.discriminator, self.text_conditioner, self.dmd2_head = discriminator, text_conditioner, dmd2_head
+        self.dmd_sampler = sampler_from(method_cfg.dmd.timestep)
+        self.fake_sampler = sampler_from(method_cfg.fake.timestep)
+        self.use_gan = bool(method_cfg.gan.enabled) and discriminator is not None
+        self.use_isg = bool(method_cfg.isg.enabled)
+        self.use_cls = bool(method_cfg.dmd2_cls.enabled) and dmd2_head is not None
+        i = method_cfg.isg
+        self.isg_options = ISGOptions(
+            margin=int(i.margin), margin_space=str(i.margin_space), loss=str(i.loss), huber_c=float(i.huber_c),
+            last_segment_end=str(i.last_segment_end), mode=str(i.sdxl_mode),
+        )
+
+    # ---- shared draws ------------------------------------------------------------------------------------
+    def draw_decisions(self, rng: RunRNG) -> Decisions:
+        """Coin, anchor index k and guidance scales, drawn once per iteration from the shared stream."""
+        c = self.cfg
+        backsim = rng.coin(float(c.backward_simulation_prob))
+        k = rng.randint(0, len(self.anchors) - 1)
+        dmd_g = draw_guidance_scale(float(c.dmd.guidance.min), float(c.dmd.guidance.max), rng.shared)
+        isg_g = draw_guidance_scale(float(c.isg.guidance.min), float(c.isg.guidance.max), rng.shared)
+        return Decisions(backsim=backsim, k=k, dmd_guidance=dmd_g, isg_guidance=isg_g)
+
+    # ---- generator input (§4.2) ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generator_input(self, real_latents: Tensor, cond: Condition, d: Decisions, rng: RunRNG) -> tuple[Tensor, Tensor]:
+        """x_in = renoise(clean, ε_in, τ_k) with clean = backward simulation (prob p) or the real latents."""
+        if d.backsim:
+            clean = backward_simulate(self.family, self.generator, cond, self.anchors, d.k, rng.noise, real_latents.shape)
+        else:
+            clean = real_latents
+        b = real_latents.shape[0]
+        tau_k = self.anchors[d.k].expand(b).to(real_latents.device)
+        eps = rng.randn(tuple(real_latents.shape), real_latents.device, real_latents.dtype)
+        if d.k == 0:
+            # τ₀ is pure noise for every family (σ = 1; SDXL's t = 999 is replaced by ε exactly, §4.2)
+            return eps, tau_k
+        return self.schedule.renoise(clean.to(eps.dtype), eps, tau_k), tau_k
+
+    # ---- generator loss (§1.2) -----------------------------------------------------------------------------
+    def generator_loss(self, mb: MicroBatch, d: Decisions, rng: RunRNG) -> tuple[Tensor, dict[str, float]]:
+        """L_G = w_DMD·L_DMD + L_adv + λ_ISG·L_ISG (+ DMD2's classifier term); ``mb.pred`` carries grad."""
+        c = self.cfg
+        logs: dict[str, float] = {}
+        loss_dmd, dmd_logs = dmd.distribution_matching_loss(
+            self.family, self.schedule, self.teacher, self.fake, mb.x0_hat, mb.cond,
+            self.dmd_sampler, d.dmd_guidance, rng.noise, eps=float(c.dmd.normalizer_eps),
+        )
+        total = float(c.dmd.weight) * loss_dmd
+        logs.update({f"dmd/{k}": v for k, v in dmd_logs.items()})
+        logs["loss/dmd"] = float(loss_dmd.detach())
+        if self.use_isg:
+            loss_isg, isg_logs = isg.isg_loss(
+                self.family, self.schedule, self.generator, self.teacher, mb.x_in, mb.pred, d.k, self.anchors,
+                mb.cond, d.isg_guidance, self.isg_options, rng.shared,
+            )
+            total = total + float(c.isg.weight) * loss_isg
+            logs["loss/isg"] = float(loss_isg.detach())
+            logs.update({f"isg/{k}": v for k, v in isg_logs.items()})
+        if self.use_gan:
+            img = self.family.decode_latents(mb.x0_hat.float())
+            logits = self.discriminator(img, mb.text_embed, mb.ref_feats, rng.noise)
+            w = self.time_weight(mb.tau_k, d.k)
+            loss_adv = float(c.gan.weight) * gan.generator_hinge_loss(logits, w)
+            total = total + loss_adv
+            logs["loss/adv"] = float(loss_adv.detach())
+        if self.use_cls:
+            loss_cls = self.dmd2_head.generator_loss(self.fake, mb.x0_hat, mb.cond, rng.noise)
+            total = total + float(c.dmd2_cls.gen_weight) * loss_cls
+            logs["loss/gen_cls"] = float(loss_cls.detach())
+        logs["loss/generator"] = float(total.detach())
+        return total, logs
+
+    def time_weight(self, tau_k: Tensor, k: int) -> Tensor:
+        """w(τ_k) of §10 for the configured mode (decision 3)."""
+        return gan.gan_time_weight(self.schedule, tau_k, str(self.cfg.gan.time_weight), self.anchor_index(k))
+
+    def anchor_index(self, k: int) -> int | None:
+        """The grid index of anchor k when anchors come from grid indices (used by the reference weights)."""
+        indices = getattr(self, "anchor_indices", None)
+        return None if indices is None else int(indices[k])
+
+    # ---- fake score (§6) -------------------------------------------------------------------------------------
+    def fake_loss(self, mb: MicroBatch, rng: RunRNG) -> tuple[Tensor, dict[str, float]]:
+        """L_F on the detached generator sample (+ DMD2's guidance classifier term)."""
+        loss, logs = dmd.fake_score_loss(self.family, self.schedule, self.fake, mb.x0_hat.detach(), mb.cond, self.fake_sampler, rng.noise)
+        out = {f"fake/{k}": v for k, v in logs.items()}
+        out["loss/fake"] = float(loss.detach())
+        if self.use_cls:
+            cls_loss = self.dmd2_head.guidance_loss(self.fake, mb.x0_hat.detach(), mb.real_latents, mb.cond, rng.noise)
+            loss = loss + float(self.cfg.dmd2_cls.guidance_weight) * cls_loss
+            out["loss/guidance_cls"] = float(cls_loss.detach())
+        return loss, out
+
+    # ---- discriminator (§9.3) --------------------------------------------------------------------------------
+    def discriminator_loss(self, mb: MicroBatch, k: int, rng: RunRNG) -> tuple[Tensor, dict[str, float]]:
+        """Hinge loss on real r and detached fake decode, both weighted by the generator's w(τ_k)."""
+        w = self.time_weight(mb.tau_k, k)
+        real_logits = self.discriminator(mb.real_pixels, mb.text_embed, mb.ref_feats, rng.noise)
+        fake_logits = self.discriminator(mb.fake_pixels.detach(), mb.text_embed, mb.ref_feats, rng.noise)
+        loss_real = gan.discriminator_hinge_loss(real_logits, w, real=True)
+        loss_fake = gan.discriminator_hinge_loss(fake_logits, w, real=False)
+        return loss_real + loss_fake, {"loss/d_real": float(loss_real.detach()), "loss/d_fake": float(loss_fake.detach())}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# README's second command: install everything, then run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+python -m pytest -q tests "$@"
