@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from senseflow.method import rng
 from senseflow.quiet import quiet_libraries
 
 from senseflow.checkpoint_io import (
@@ -55,7 +56,6 @@ __all__ = [
     "prepare",
     "prompt_generator",
     "initial_latents",
-    "sample_stochastic_per_sample",
     "load_runtime",
     "generate",
     "main",
@@ -390,27 +390,7 @@ def load_runtime(plan: Plan) -> tuple[Any, nn.Module]:
 
 def initial_latents(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device | str) -> Tensor:
     """ε of one sample per generator, stacked: (len(generators), *shape), fp32, drawn on the CPU then moved."""
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
-
-
-@torch.no_grad()
-def sample_stochastic_per_sample(family: Any, net: nn.Module, cond: Any, anchors: Tensor, schedule: Any,
-                                 latents: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
-    """:func:`senseflow.method.sampling.sample_stochastic` with one generator per sample.
-
-    x ← ε; for k: x̂₀ ← x̂₀(x, G(x, τ_k)); x ← renoise(x̂₀, ε_k, τ_{k+1}) for k < K−1; output x̂₀ — where sample b's
-    fresh ε_k comes from ``generators[b]``, so its image does not depend on the other samples of the batch. With
-    one sample and the generator that drew its ε, the result equals ``sample_stochastic`` (tests/test_inference.py).
-    """
-    x, b = latents, latents.shape[0]
-    x0 = x
-    for k in range(anchors.numel()):
-        tau = anchors[k].expand(b)
-        x0 = schedule.x0_from(x, family.predict(net, x, tau, cond), tau)
-        if k + 1 < anchors.numel():
-            eps = initial_latents(x.shape[1:], generators, x.device).to(x.dtype)
-            x = schedule.renoise(x0, eps, anchors[k + 1].expand(b))
-    return x0
+    return rng.randn((len(generators), *shape), list(generators), device=device)
 
 
 @torch.no_grad()
@@ -422,7 +402,7 @@ def generate(plan: Plan, family: Any, student: nn.Module, progress: bool = True)
     """
     from tqdm import tqdm
 
-    from senseflow.method.sampling import make_anchors, sample_euler
+    from senseflow.method.sampling import make_anchors, sample_euler, sample_stochastic
 
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     schedule = family.schedule(plan.height, plan.width)
@@ -439,7 +419,7 @@ def generate(plan: Plan, family: Any, student: nn.Module, progress: bool = True)
         if plan.sampler == "euler":
             x0 = sample_euler(family, student, cond, anchors, latents=noise, schedule=schedule)
         else:
-            x0 = sample_stochastic_per_sample(family, student, cond, anchors, schedule, noise, gens)
+            x0 = sample_stochastic(family, student, cond, anchors, gens, latents=noise, schedule=schedule)
         pixels = family.decode_latents(x0.float())
         for idx, img in zip(indices, to_uint8_images(pixels)):
             path = plan.output_dir / f"{idx:05d}.png"

@@ -458,12 +458,18 @@ def build_tiny_dataset(out_dir: str | Path, num_images: int = 16, size: tuple[in
 
 def build_tiny_assets(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Everything the tiny configs (configs/tiny/*.yaml) read, under ``out_dir``: one folder per tiny teacher
-    (sdxl, sd35-medium, sd35-large, flux), ``backbones/`` (DINOv2 and CLIP text) and ``data/dataset.json``."""
+    (sdxl, sd35-medium, sd35-large, flux), ``backbones/`` (DINOv2 and CLIP text), ``data/dataset.json`` and
+    ``data/sdxl_latents.lmdb`` (the same images as SDXL VAE latents at 64 px)."""
     out = _prepare_out_dir(out_dir, overwrite)
     for kind in TINY_KINDS:
         build_tiny_teacher(kind, out / kind, seed=seed)
     build_tiny_discriminator_backbones(out / "backbones", seed=seed)
-    build_tiny_dataset(out / "data", seed=seed)
+    images = build_tiny_dataset(out / "data", seed=seed)
+    from senseflow.data.build_lmdb import build_latent_lmdb
+
+    # SDXL trains from DMD2-layout latents (METHOD.md §13.2), encoded with the tiny SDXL teacher's VAE
+    build_latent_lmdb(images, out / "sdxl", out / "data" / "sdxl_latents.lmdb", resolution=64, batch_size=8,
+                      seed=seed, progress=False)
     return out
 
 

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from senseflow.method import dmd, gan, isg
-from senseflow.method.isg import ISGOptions
+from senseflow.method.isg import ISGOptions, draw_midpoint
 from senseflow.method.guidance import draw_guidance_scale
+from senseflow.method import rng as draws
 from senseflow.method.rng import RunRNG
 from senseflow.method.sampling import backward_simulate
 from senseflow.method.schedules import Schedule, TimestepSampler
@@ -37,6 +38,7 @@ class Decisions:
     k: int
     dmd_guidance: float
     isg_guidance: float
+    isg_mid: Tensor | None  # τ_m of ISG's segment (§8), None when ISG is off
 
 
 @dataclass
@@ -47,6 +49,7 @@ class MicroBatch:
     text_embed: Tensor | None  # CLIP text embedding c for D (L2-normalised)
     real_pixels: Tensor | None  # r: real image in [-1, 1] for D (real sample and reference)
     real_latents: Tensor  # z_real
+    noise: list[torch.Generator]  # one generator per sample (per-rank noise, decision 2)
     x_in: Tensor
     tau_k: Tensor
     pred: Tensor | None = None
@@ -95,32 +98,33 @@ class Distiller:
         k = rng.randint(0, len(self.anchors) - 1)
         dmd_g = draw_guidance_scale(float(c.dmd.guidance.min), float(c.dmd.guidance.max), rng.shared)
         isg_g = draw_guidance_scale(float(c.isg.guidance.min), float(c.isg.guidance.max), rng.shared)
-        return Decisions(backsim=backsim, k=k, dmd_guidance=dmd_g, isg_guidance=isg_g)
+        mid = draw_midpoint(self.schedule, self.anchors, k, self.isg_options, rng.shared) if self.use_isg else None
+        return Decisions(backsim=backsim, k=k, dmd_guidance=dmd_g, isg_guidance=isg_g, isg_mid=mid)
 
     # ---- generator input (§4.2) ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generator_input(self, real_latents: Tensor, cond: Condition, d: Decisions, rng: RunRNG) -> tuple[Tensor, Tensor]:
+    def generator_input(self, real_latents: Tensor, cond: Condition, d: Decisions, noise: list[torch.Generator]) -> tuple[Tensor, Tensor]:
         """x_in = renoise(clean, ε_in, τ_k) with clean = backward simulation (prob p) or the real latents."""
         if d.backsim:
-            clean = backward_simulate(self.family, self.generator, cond, self.anchors, d.k, rng.noise, real_latents.shape)
+            clean = backward_simulate(self.family, self.generator, cond, self.anchors, d.k, noise, real_latents.shape)
         else:
             clean = real_latents
         b = real_latents.shape[0]
         tau_k = self.anchors[d.k].expand(b).to(real_latents.device)
-        eps = rng.randn(tuple(real_latents.shape), real_latents.device, real_latents.dtype)
+        eps = draws.randn(tuple(real_latents.shape), noise, real_latents.device, real_latents.dtype)
         if d.k == 0:
             # τ₀ is pure noise for every family (σ = 1; SDXL's t = 999 is replaced by ε exactly, §4.2)
             return eps, tau_k
         return self.schedule.renoise(clean.to(eps.dtype), eps, tau_k), tau_k
 
     # ---- generator loss (§1.2) -----------------------------------------------------------------------------
-    def generator_loss(self, mb: MicroBatch, d: Decisions, rng: RunRNG) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, mb: MicroBatch, d: Decisions) -> tuple[Tensor, dict[str, float]]:
         """L_G = w_DMD·L_DMD + L_adv + λ_ISG·L_ISG (+ DMD2's classifier term); ``mb.pred`` carries grad."""
         c = self.cfg
         logs: dict[str, float] = {}
         loss_dmd, dmd_logs = dmd.distribution_matching_loss(
             self.family, self.schedule, self.teacher, self.fake, mb.x0_hat, mb.cond,
-            self.dmd_sampler, d.dmd_guidance, rng.noise, eps=float(c.dmd.normalizer_eps),
+            self.dmd_sampler, d.dmd_guidance, mb.noise, eps=float(c.dmd.normalizer_eps),
         )
         total = float(c.dmd.weight) * loss_dmd
         logs.update({f"dmd/{k}": v for k, v in dmd_logs.items()})
@@ -128,20 +132,20 @@ class Distiller:
         if self.use_isg:
             loss_isg, isg_logs = isg.isg_loss(
                 self.family, self.schedule, self.generator, self.teacher, mb.x_in, mb.pred, d.k, self.anchors,
-                mb.cond, d.isg_guidance, self.isg_options, rng.shared,
+                mb.cond, d.isg_guidance, self.isg_options, None, tau_mid=d.isg_mid,
             )
             total = total + float(c.isg.weight) * loss_isg
             logs["loss/isg"] = float(loss_isg.detach())
             logs.update({f"isg/{k}": v for k, v in isg_logs.items()})
         if self.use_gan:
             img = self.family.decode_latents(mb.x0_hat.float())
-            logits = self.discriminator(img, mb.text_embed, mb.ref_feats, rng.noise)
+            logits = self.discriminator(img, mb.text_embed, mb.ref_feats, mb.noise)
             w = self.time_weight(mb.tau_k, d.k)
             loss_adv = float(c.gan.weight) * gan.generator_hinge_loss(logits, w)
             total = total + loss_adv
             logs["loss/adv"] = float(loss_adv.detach())
         if self.use_cls:
-            loss_cls = self.dmd2_head.generator_loss(self.fake, mb.x0_hat, mb.cond, rng.noise)
+            loss_cls = self.dmd2_head.generator_loss(self.fake, mb.x0_hat, mb.cond, mb.noise)
             total = total + float(c.dmd2_cls.gen_weight) * loss_cls
             logs["loss/gen_cls"] = float(loss_cls.detach())
         logs["loss/generator"] = float(total.detach())
@@ -157,23 +161,23 @@ class Distiller:
         return None if indices is None else int(indices[k])
 
     # ---- fake score (§6) -------------------------------------------------------------------------------------
-    def fake_loss(self, mb: MicroBatch, rng: RunRNG) -> tuple[Tensor, dict[str, float]]:
+    def fake_loss(self, mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         """L_F on the detached generator sample (+ DMD2's guidance classifier term)."""
-        loss, logs = dmd.fake_score_loss(self.family, self.schedule, self.fake, mb.x0_hat.detach(), mb.cond, self.fake_sampler, rng.noise)
+        loss, logs = dmd.fake_score_loss(self.family, self.schedule, self.fake, mb.x0_hat.detach(), mb.cond, self.fake_sampler, mb.noise)
         out = {f"fake/{k}": v for k, v in logs.items()}
         out["loss/fake"] = float(loss.detach())
         if self.use_cls:
-            cls_loss = self.dmd2_head.guidance_loss(self.fake, mb.x0_hat.detach(), mb.real_latents, mb.cond, rng.noise)
+            cls_loss = self.dmd2_head.guidance_loss(self.fake, mb.x0_hat.detach(), mb.real_latents, mb.cond, mb.noise)
             loss = loss + float(self.cfg.dmd2_cls.guidance_weight) * cls_loss
             out["loss/guidance_cls"] = float(cls_loss.detach())
         return loss, out
 
     # ---- discriminator (§9.3) --------------------------------------------------------------------------------
-    def discriminator_loss(self, mb: MicroBatch, k: int, rng: RunRNG) -> tuple[Tensor, dict[str, float]]:
+    def discriminator_loss(self, mb: MicroBatch, k: int) -> tuple[Tensor, dict[str, float]]:
         """Hinge loss on real r and detached fake decode, both weighted by the generator's w(τ_k)."""
         w = self.time_weight(mb.tau_k, k)
-        real_logits = self.discriminator(mb.real_pixels, mb.text_embed, mb.ref_feats, rng.noise)
-        fake_logits = self.discriminator(mb.fake_pixels.detach(), mb.text_embed, mb.ref_feats, rng.noise)
+        real_logits = self.discriminator(mb.real_pixels, mb.text_embed, mb.ref_feats, mb.noise)
+        fake_logits = self.discriminator(mb.fake_pixels.detach(), mb.text_embed, mb.ref_feats, mb.noise)
         loss_real = gan.discriminator_hinge_loss(real_logits, w, real=True)
         loss_fake = gan.discriminator_hinge_loss(fake_logits, w, real=False)
         return loss_real + loss_fake, {"loss/d_real": float(loss_real.detach()), "loss/d_fake": float(loss_fake.detach())}

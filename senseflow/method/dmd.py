@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from senseflow.method.guidance import guided_prediction
+from senseflow.method import rng
 from senseflow.method.schedules import Schedule, TimestepSampler
 from senseflow.models.families.base import Condition, TeacherFamily
 
@@ -43,8 +44,7 @@ __all__ = [
 
 def gaussian_like(x: Tensor, generator: torch.Generator) -> Tensor:
     """ε ~ N(0, I) shaped like ``x``, drawn in fp32 on the generator's device, then moved to x's device/dtype."""
-    eps = torch.randn(tuple(x.shape), generator=generator, device=generator.device, dtype=torch.float32)
-    return eps.to(device=x.device, dtype=x.dtype)
+    return rng.randn(tuple(x.shape), generator, device=x.device).to(x.dtype)
 
 
 def scalar_logs(**values: Tensor | float) -> dict[str, float]:

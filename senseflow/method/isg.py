@@ -242,17 +242,19 @@ def isg_loss(
     cond: Condition,
     guidance_scale: float,
     options: ISGOptions | Any,
-    shared_gen: torch.Generator,
+    shared_gen: torch.Generator | None,
     keep_images: bool = False,
+    tau_mid: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """L_ISG for the segment starting at anchor ``k`` (shared by the batch); ``pred_theta`` = G(x_in, τ_k) with grad.
 
-    ``options`` is an :class:`ISGOptions` or a config node with its fields. τ_m is drawn from ``shared_gen``.
+    ``options`` is an :class:`ISGOptions` or a config node with its fields. τ_m is ``tau_mid`` when given (drawn
+    once per iteration by the caller, shared by its micro-batches), else drawn here from ``shared_gen``.
     """
     opts = options if isinstance(options, ISGOptions) else ISGOptions.from_config(options)
     _check_k(anchors, k)
     b = x_in.shape[0]
-    tau_m = draw_midpoint(schedule, anchors, k, opts, shared_gen)
+    tau_m = tau_mid if tau_mid is not None else draw_midpoint(schedule, anchors, k, opts, shared_gen)
     tau_k = anchors[k].to(x_in.device).expand(b)
     tau_m_b = tau_m.to(x_in.device).expand(b)
     tau_next = segment_end(schedule, anchors, k, opts.last_segment_end, x_in)

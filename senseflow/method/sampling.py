@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from senseflow.method import rng
 from senseflow.method.schedules import FlowSchedule, Schedule
 from senseflow.models.families.base import Condition, TeacherFamily
 
@@ -77,8 +78,7 @@ def initial_noise(shape: Sequence[int], noise_gen: torch.Generator | None, devic
                   dtype: torch.dtype = torch.float32) -> Tensor:
     """ε ~ N(0, I) of ``shape`` drawn on the generator's device, then moved to ``device`` (so a CPU generator gives
     the same noise whatever the accelerator, as in diffusers' ``randn_tensor``)."""
-    gen_device = noise_gen.device if noise_gen is not None else torch.device("cpu")
-    return torch.randn(tuple(shape), generator=noise_gen, device=gen_device, dtype=dtype).to(device)
+    return rng.randn(tuple(shape), noise_gen, device=device, dtype=dtype)
 
 
 def _schedule_for(family: TeacherFamily, shape: Sequence[int]) -> Schedule:

@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from senseflow.method import rng
+
 __all__ = [
     "Schedule",
     "FlowSchedule",
@@ -261,9 +263,9 @@ class TimestepSampler:
 
     def sample_index(self, batch: int, num_train_timesteps: int, generator: torch.Generator | None = None) -> Tensor:
         if self.kind == "uniform":
-            return torch.randint(self.low, self.high + 1, (batch,), generator=generator)
+            return rng.randint(self.low, self.high, (batch,), generator)
         if self.kind == "logit_normal":
-            u = torch.sigmoid(self.mean + self.std * torch.randn(batch, generator=generator))
+            u = torch.sigmoid(self.mean + self.std * rng.randn((batch,), generator))
             j = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
             return num_train_timesteps - 1 - j
         raise ValueError(f"timestep sampler kind {self.kind!r} is not one of: uniform, logit_normal")

@@ -19,19 +19,19 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from senseflow.method import rng
+
 __all__ = ["POLICIES", "diff_augment", "augment_color", "augment_translation", "augment_cutout"]
 
 POLICIES = ("color", "translation", "cutout")
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
-    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return u.to(device=like.device, dtype=like.dtype)
+    return rng.rand(shape, generator, device=like.device).to(like.dtype)
 
 
 def _randint(low: int, high_inclusive: int, shape: tuple[int, ...], generator: torch.Generator, device) -> Tensor:
-    r = torch.randint(low, high_inclusive + 1, shape, generator=generator, device=generator.device)
-    return r.to(device)
+    return rng.randint(low, high_inclusive, shape, generator, device=device)
 
 
 def augment_color(x: Tensor, generator: torch.Generator) -> Tensor:

@@ -74,7 +74,7 @@ class DistillationTrainer:
         self.info = sfdist.init_distributed(str(cfg.train.device), str(cfg.dist.backend))
         self.device = self.info.device
         torch.manual_seed(int(cfg.experiment.seed) + self.info.rank)
-        self.rng = RunRNG(int(cfg.experiment.seed), self.info.rank)
+        self.rng = RunRNG(int(cfg.experiment.seed), self.info.rank, slots=self.samples_per_iteration)
         self.autocast_dtype = self._autocast_dtype()
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +86,11 @@ class DistillationTrainer:
         self.iteration = 0
         self.checkpointer = Checkpointer(self.run_dir, int(cfg.train.keep_last), self.info.rank)
         self._resume()
+
+    @property
+    def samples_per_iteration(self) -> int:
+        """Per-rank samples of one iteration (batch size × accumulation steps): one noise slot each."""
+        return int(self.cfg.train.batch_size) * int(self.cfg.train.grad_accum)
 
     def _autocast_dtype(self) -> torch.dtype | None:
         mode = str(self.cfg.train.mixed_precision)
@@ -171,11 +176,11 @@ class DistillationTrainer:
 
     # ================================================================== checkpoints
     def _checkpoint_parts(self) -> tuple[dict, dict, dict]:
-        models: dict[str, nn.Module] = {"generator": self.generator, "fake": self.fake}
-        optimizers = {"generator": (self.generator, self.opt_g), "fake": (self.fake, self.opt_f)}
+        # F's optimiser also holds the DMD2 classifier head when there is one: save them as one module
+        fake = self.fake if self.dmd2_head is None else nn.ModuleDict({"fake": self.fake, "dmd2_head": self.dmd2_head})
+        models: dict[str, nn.Module] = {"generator": self.generator, "fake": fake}
+        optimizers = {"generator": (self.generator, self.opt_g), "fake": (fake, self.opt_f)}
         schedulers: dict[str, Any] = {"generator": self.sched_g, "fake": self.sched_f}
-        if self.dmd2_head is not None:
-            models["dmd2_head"] = self.dmd2_head
         if self.discriminator is not None:
             models["disc_heads"] = self.discriminator.heads
             optimizers["disc_heads"] = (self.discriminator.heads, self.opt_d)
@@ -216,7 +221,7 @@ class DistillationTrainer:
             self.rng.load_state_dict(extras["rng"])
             torch.set_rng_state(extras["torch_rng"])
         else:  # resumed on more ranks than wrote the checkpoint: fresh per-rank streams, offset by the iteration
-            self.rng = RunRNG(int(self.cfg.experiment.seed) + self.iteration, self.info.rank)
+            self.rng = RunRNG(int(self.cfg.experiment.seed) + self.iteration, self.info.rank, slots=self.samples_per_iteration)
         if "data" in extras:
             self.data.load_state_dict(extras["data"])
         if self.info.is_main:
@@ -228,7 +233,7 @@ class DistillationTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def prepare(self, batch: dict[str, Any], d: Decisions) -> MicroBatch:
+    def prepare(self, batch: dict[str, Any], d: Decisions, noise: list[torch.Generator]) -> MicroBatch:
         """Text condition, real latents and pixels, generator input (all without grad)."""
         with torch.no_grad():
             captions = list(batch["caption"])
@@ -240,16 +245,17 @@ class DistillationTrainer:
                 real_pixels = self.family.decode_latents(real_latents).float() if self.discriminator is not None else None
             else:
                 real_pixels = batch["pixels"].to(self.device, torch.float32)
-                real_latents = self.family.encode_pixels(real_pixels, generator=self.rng.noise).float()
+                real_latents = self.family.encode_pixels(real_pixels, generator=noise).float()
             text_embed = self.text_conditioner(captions) if self.text_conditioner is not None else None
             ref_feats = self.discriminator.reference_features(real_pixels) if self.discriminator is not None else None
             with self.autocast():
-                x_in, tau_k = self.distiller.generator_input(real_latents, cond, d, self.rng)
+                x_in, tau_k = self.distiller.generator_input(real_latents, cond, d, noise)
         return MicroBatch(cond=cond, text_embed=text_embed, real_pixels=real_pixels, real_latents=real_latents,
-                          x_in=x_in.float(), tau_k=tau_k, ref_feats=ref_feats)
+                          x_in=x_in.float(), tau_k=tau_k, ref_feats=ref_feats, noise=noise)
 
     def _clip_and_step(self, net: nn.Module, params: Any, opt: torch.optim.Optimizer) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(list(params), float(self.cfg.optimizer.grad_clip))
+        clip = self.cfg.optimizer.grad_clip  # None: no clipping (the norm is still measured and logged)
+        norm = torch.nn.utils.clip_grad_norm_(list(params), float("inf") if clip is None else float(clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -261,7 +267,8 @@ class DistillationTrainer:
         do_g = it % int(cfg.method.gd) == 0
         d = self.distiller.draw_decisions(self.rng)
         logs: dict[str, float] = {"decision/backsim": float(d.backsim), "decision/k": float(d.k)}
-        micro = [self.prepare(self.data.next(), d) for _ in range(accum)]
+        b = int(cfg.train.batch_size)
+        micro = [self.prepare(self.data.next(), d, self.rng.noise(m * b, b)) for m in range(accum)]
 
         # ---- generator ----
         heads = self.discriminator.heads if self.discriminator is not None else None
@@ -273,7 +280,7 @@ class DistillationTrainer:
                 if heads is not None:
                     heads.requires_grad_(False)  # D never receives the generator's adversarial gradient
                 with self.autocast():
-                    loss_g, g_logs = self.distiller.generator_loss(mb, d, self.rng)
+                    loss_g, g_logs = self.distiller.generator_loss(mb, d)
                 (loss_g / accum).backward()
                 if heads is not None:
                     heads.requires_grad_(True)
@@ -294,7 +301,7 @@ class DistillationTrainer:
         # ---- fake score ----
         for mb in micro:
             with self.autocast():
-                loss_f, f_logs = self.distiller.fake_loss(mb, self.rng)
+                loss_f, f_logs = self.distiller.fake_loss(mb)
             (loss_f / accum).backward()
             self._accumulate(logs, f_logs, accum)
         fake_params = list(self.fake.parameters()) + (list(self.dmd2_head.parameters()) if self.dmd2_head is not None else [])
@@ -306,7 +313,7 @@ class DistillationTrainer:
             self.opt_d.zero_grad(set_to_none=True)
             for mb in micro:
                 with self.autocast():
-                    loss_d, d_logs = self.distiller.discriminator_loss(mb, d.k, self.rng)
+                    loss_d, d_logs = self.distiller.discriminator_loss(mb, d.k)
                 (loss_d / accum).backward()
                 self._accumulate(logs, d_logs, accum)
             logs["grad_norm/discriminator"] = self._clip_and_step(heads, heads.parameters(), self.opt_d)
