@@ -1,4 +1,4 @@
-"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``.
+"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``, ``memory``.
 
 Errors a user can fix (bad config, missing folder, bad dataset) print one line and exit with code 2.
 """
@@ -53,6 +53,12 @@ def main_export(argv: Sequence[str]) -> int:
     return run(list(argv))
 
 
+def main_memory(argv: Sequence[str]) -> int:
+    from senseflow.memory import main_memory as run
+
+    return run(list(argv))
+
+
 def main_config(argv: Sequence[str]) -> int:
     from senseflow.config import main_config_check as run
 
@@ -65,6 +71,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "data": main_data,
     "export": main_export,
     "config": main_config,
+    "memory": main_memory,
 }
 
 
@@ -84,8 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (UserError, FileNotFoundError, ValueError) as err:
-        from senseflow.config import ConfigError  # noqa: F401  (ConfigError is a ValueError)
-
         print(f"senseflow {argv[0]}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
 

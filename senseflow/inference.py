@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from senseflow.imageio import to_pil
 from senseflow.method import rng
 from senseflow.quiet import quiet_libraries
 
@@ -362,12 +363,9 @@ def prompt_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) + int(index))
 
 
-def to_uint8_images(pixels: Tensor) -> list["Image.Image"]:  # noqa: F821
-    """Pixels in [−1, 1], (B, 3, H, W) → PIL RGB images, x ↦ round(255·(x+1)/2) clamped to [0, 255]."""
-    from PIL import Image
-
-    arr = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+def to_uint8_images(pixels: Tensor) -> list:
+    """Pixels in [−1, 1], (B, 3, H, W) → PIL RGB images (see :func:`senseflow.imageio.to_pil`)."""
+    return to_pil(pixels)
 
 
 def load_runtime(plan: Plan) -> tuple[Any, nn.Module]:

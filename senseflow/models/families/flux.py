@@ -15,7 +15,6 @@ carrying every teacher weight except ``time_text_embed.guidance_embedder.*``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -63,29 +62,11 @@ class FluxFamily(DiffusersFamily):
 
     name = "flux"
     denoiser_subfolder = "transformer"
+    denoiser_class_name = "FluxTransformer2DModel"
+    default_t5_max_length = 512
     component_subfolders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     #: the transformer's timestep argument is σ itself
     timestep_scale = 1.0
-
-    def __init__(
-        self,
-        path: str | Path,
-        device: torch.device | str = "cpu",
-        denoiser_dtype: torch.dtype = torch.float32,
-        vae_dtype: torch.dtype = torch.float32,
-        text_dtype: torch.dtype = torch.float32,
-        clip_max_length: int = 77,
-        t5_max_length: int = 512,
-        student_path: str | Path | None = None,
-        text_device: torch.device | str | None = None,
-    ) -> None:
-        from diffusers import FluxTransformer2DModel
-
-        self.denoiser_class = FluxTransformer2DModel
-        super().__init__(path, device, denoiser_dtype, vae_dtype, text_dtype, clip_max_length, student_path, text_device)
-        if t5_max_length < 1:
-            raise ValueError(f"t5_max_length must be positive, got {t5_max_length}")
-        self.t5_max_length = int(t5_max_length)
 
     def _load_text(self) -> dict[str, Any]:
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel

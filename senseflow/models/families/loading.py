@@ -130,12 +130,15 @@ class DiffusersFamily(TeacherFamily):
         student_path: optional initial weights of G and F: a denoiser folder (``config.json`` + weights) or a
             pipeline folder with the denoiser subfolder.
         text_device: where the text encoders run (default: ``device``).
+        t5_max_length: T5 token length (families with a T5 encoder; default ``default_t5_max_length``).
     """
 
     #: component subfolders that must exist (besides the denoiser's)
     component_subfolders: tuple[str, ...] = ()
-    #: diffusers class of the denoiser (set by subclasses)
-    denoiser_class: type
+    #: name of the denoiser's diffusers class (resolved at construction, so importing a family stays cheap)
+    denoiser_class_name: str
+    #: T5 token length when the family has a T5 encoder (SD3.5: 77, FLUX.1-dev: 512; §12), else None
+    default_t5_max_length: int | None = None
 
     def __init__(
         self,
@@ -147,7 +150,11 @@ class DiffusersFamily(TeacherFamily):
         clip_max_length: int = 77,
         student_path: str | Path | None = None,
         text_device: torch.device | str | None = None,
+        t5_max_length: int | None = None,
     ) -> None:
+        import diffusers
+
+        self.denoiser_class = getattr(diffusers, self.denoiser_class_name)
         self.path = check_folder(path, ("scheduler", "vae", self.denoiser_subfolder, *self.component_subfolders))
         self.student_path = self._check_student(student_path) if student_path is not None else None
         self.device = torch.device(device)
@@ -158,6 +165,11 @@ class DiffusersFamily(TeacherFamily):
         if clip_max_length < 1:
             raise ValueError(f"clip_max_length must be positive, got {clip_max_length}")
         self.clip_max_length = int(clip_max_length)
+        if self.default_t5_max_length is not None:
+            t5 = self.default_t5_max_length if t5_max_length is None else t5_max_length
+            if t5 < 1:
+                raise ValueError(f"t5_max_length must be positive, got {t5}")
+            self.t5_max_length = int(t5)
         self.scheduler_config = read_json(self.path / "scheduler" / "scheduler_config.json")
         self.vae_config = read_json(self.path / "vae" / "config.json")
         self.denoiser_config = read_json(self.path / self.denoiser_subfolder / "config.json")

@@ -14,7 +14,6 @@ The transformer takes the timestep 1000·σ; it predicts the velocity v ≈ ε �
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -34,29 +33,11 @@ class SD3Family(DiffusersFamily):
 
     name = "sd3"
     denoiser_subfolder = "transformer"
+    denoiser_class_name = "SD3Transformer2DModel"
+    default_t5_max_length = 77
     component_subfolders = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
     #: the transformer's timestep argument is timestep_scale·σ
     timestep_scale = 1000.0
-
-    def __init__(
-        self,
-        path: str | Path,
-        device: torch.device | str = "cpu",
-        denoiser_dtype: torch.dtype = torch.float32,
-        vae_dtype: torch.dtype = torch.float32,
-        text_dtype: torch.dtype = torch.float32,
-        clip_max_length: int = 77,
-        t5_max_length: int = 77,
-        student_path: str | Path | None = None,
-        text_device: torch.device | str | None = None,
-    ) -> None:
-        from diffusers import SD3Transformer2DModel
-
-        self.denoiser_class = SD3Transformer2DModel
-        super().__init__(path, device, denoiser_dtype, vae_dtype, text_dtype, clip_max_length, student_path, text_device)
-        if t5_max_length < 1:
-            raise ValueError(f"t5_max_length must be positive, got {t5_max_length}")
-        self.t5_max_length = int(t5_max_length)
 
     def _load_text(self) -> dict[str, Any]:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel

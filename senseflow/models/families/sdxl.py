@@ -47,6 +47,7 @@ class SDXLFamily(DiffusersFamily):
 
     name = "sdxl"
     denoiser_subfolder = "unet"
+    denoiser_class_name = "UNet2DConditionModel"
     component_subfolders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
     def __init__(
@@ -61,9 +62,6 @@ class SDXLFamily(DiffusersFamily):
         text_device: torch.device | str | None = None,
         resolution: int | tuple[int, int] = 1024,
     ) -> None:
-        from diffusers import UNet2DConditionModel
-
-        self.denoiser_class = UNet2DConditionModel
         super().__init__(path, device, denoiser_dtype, vae_dtype, text_dtype, clip_max_length, student_path, text_device)
         self.target_size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         if self.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
