@@ -1,4 +1,4 @@
-"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``, ``memory``.
+"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``, ``memory``, ``eval``.
 
 Errors a user can fix (bad config, missing folder, bad dataset) print one line and exit with code 2.
 """
@@ -59,6 +59,12 @@ def main_memory(argv: Sequence[str]) -> int:
     return run(list(argv))
 
 
+def main_eval(argv: Sequence[str]) -> int:
+    from senseflow.eval.cli import main_eval as run
+
+    return run(list(argv))
+
+
 def main_config(argv: Sequence[str]) -> int:
     from senseflow.config import main_config_check as run
 
@@ -72,6 +78,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "export": main_export,
     "config": main_config,
     "memory": main_memory,
+    "eval": main_eval,
 }
 
 
