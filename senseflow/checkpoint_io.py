@@ -7,7 +7,8 @@ Accepted forms of ``checkpoint`` (METHOD.md §15-§16):
 * a ``.safetensors`` file (e.g. ``student.safetensors`` of one of our training checkpoints);
 * a diffusers folder: a whole exported pipeline (the student in ``transformer/`` or ``unet/``), or a bare model
   folder holding ``config.json`` and ``diffusion_pytorch_model*.safetensors`` (the released ``SenseFlow-FLUX``);
-* one of our training checkpoints (``iter_XXXXXX/``, DCP) or its parent ``checkpoints/`` folder with ``latest``:
+* one of our training checkpoints (``iter_XXXXXX/``, DCP), its parent ``checkpoints/`` folder, the ``latest`` pointer
+  file in it, or the run folder itself:
   the consolidated ``student.safetensors`` when present, otherwise the generator's entries of the DCP shards.
 
 The student's architecture always comes from a diffusers model config (its ``_class_name`` names the class). Keys are
@@ -98,6 +99,10 @@ def resolve_student_source(checkpoint: Path | str) -> StudentSource:
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"student checkpoint not found: {path}")
+    if path.is_file() and path.name == "latest" and not path.suffix:
+        path = path.parent  # the pointer file itself: resolve through its checkpoints/ folder below
+    if path.is_dir() and (path / "checkpoints" / "latest").is_file():
+        path = path / "checkpoints"  # a training run folder
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".safetensors":

@@ -287,3 +287,15 @@ def test_bad_input_in_a_real_process_prints_one_line(tiny_teacher, tmp_path):
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert "prompts file" in lines[0] and "is empty" in lines[0]
+
+
+def test_a_run_folder_or_its_latest_pointer_names_the_newest_student(tmp_path):
+    """Users may pass the run folder, checkpoints/, or checkpoints/latest: all resolve to the newest checkpoint."""
+    from senseflow.checkpoint_io import resolve_student_source
+
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "student.safetensors").write_bytes(b"")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("iter_000010")
+    for given in (tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "run" / "checkpoints" / "latest"):
+        assert resolve_student_source(given).path == ckpt / "student.safetensors"
