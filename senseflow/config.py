@@ -272,7 +272,6 @@ class DistConfig:
     strategy: str = "auto"  # auto | none | ddp | fsdp
     hsdp: bool = False
     cpu_offload: bool = False
-    activation_checkpointing: bool = True
     backend: str = "auto"  # auto | nccl | gloo
 
 

@@ -161,6 +161,7 @@ class VFMDiscriminator(nn.Module):
         augment_policy, translation_ratio, cutout_ratio: DiffAugment on x (color/translation/cutout, 1/8, 1/5).
         resize_to: backbone input size (int or (h, w)); ``None`` feeds the image at its own resolution.
         image_mean, image_std: backbone normalisation of [0, 1] images (ImageNet).
+        use_embedding: also judge the patch-embedding output before block 0 (config ``hook_patch``; §9.1: yes).
     """
 
     def __init__(
@@ -177,9 +178,11 @@ class VFMDiscriminator(nn.Module):
         resize_to: int | Sequence[int] | None = None,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
+        use_embedding: bool = True,
     ) -> None:
         super().__init__()
         cfg = dino.config
+        self.use_embedding = bool(use_embedding)
         self.hooks = [int(h) for h in hooks]
         bad = [h for h in self.hooks if not 0 <= h < cfg.num_hidden_layers]
         if bad:
@@ -200,7 +203,7 @@ class VFMDiscriminator(nn.Module):
         self.register_buffer("image_std", torch.tensor(list(image_std)).view(1, -1, 1, 1), persistent=False)
         self.heads = nn.ModuleList(
             DiscriminatorHead(cfg.hidden_size, c_dim, cmap_dim, downsample, virtual_batch)
-            for _ in range(1 + len(self.hooks))
+            for _ in range(int(self.use_embedding) + len(self.hooks))
         )
 
     def train(self, mode: bool = True) -> "VFMDiscriminator":
@@ -230,7 +233,8 @@ class VFMDiscriminator(nn.Module):
         h, w = height // self.patch_size, width // self.patch_size
         hidden = self.dino(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         maps = []
-        for tokens in [hidden[0]] + [hidden[i + 1] for i in self.hooks]:
+        chosen = ([hidden[0]] if self.use_embedding else []) + [hidden[i + 1] for i in self.hooks]
+        for tokens in chosen:
             patches = tokens[:, -h * w :] + tokens[:, :1]  # readout "add": cls token added to every patch token
             maps.append(patches.transpose(1, 2).reshape(b, tokens.shape[-1], h, w))
         return maps

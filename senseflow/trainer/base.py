@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from senseflow import dist as sfdist
@@ -35,11 +35,15 @@ from senseflow.method.rng import RunRNG
 from senseflow.method.sampling import sample_stochastic
 from senseflow.quiet import quiet_libraries
 from senseflow.models.families import build_family
-from senseflow.trainer.checkpoint import Checkpointer
-from senseflow.trainer.logger import RunLogger, save_grid
+from senseflow.data.seeding import mix_seed
+from senseflow.trainer.checkpoint import TEST_KILL_AT_ENV, Checkpointer, init_optimizer_state, kill_if_requested
+from senseflow.imageio import save_grid
+from senseflow.trainer.logger import RunLogger
 from senseflow.trainer.optim import EMA, build_optimizer, build_scheduler, require_optimizer_backend
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: debug: gather and compare the shared decisions of every iteration across ranks (always done for the first one)
+CHECK_DECISIONS_ENV = "SENSEFLOW_DEBUG_CHECK_DECISIONS"
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -76,6 +80,8 @@ class DistillationTrainer:
         torch.manual_seed(int(cfg.experiment.seed) + self.info.rank)
         self.rng = RunRNG(int(cfg.experiment.seed), self.info.rank, slots=self.samples_per_iteration)
         self.autocast_dtype = self._autocast_dtype()
+        self.shard_opts = self._shard_options()
+        self._decisions_checked = False
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
@@ -101,6 +107,15 @@ class DistillationTrainer:
         # auto: bf16 compute on accelerators that support it, fp32 on CPU
         return torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
+    def _shard_options(self) -> sfdist.ShardOptions:
+        """Placement of G, F and T (see :mod:`senseflow.dist`). Per-block activation checkpointing is on with
+        ``train.gradient_checkpointing`` (§3.1)."""
+        d = self.cfg.dist
+        strategy = sfdist.resolve_strategy(str(d.strategy), self.info)
+        ckpt = bool(self.cfg.train.gradient_checkpointing)
+        return sfdist.ShardOptions(strategy=strategy, hsdp=bool(d.hsdp), cpu_offload=bool(d.cpu_offload),
+                                   activation_checkpointing=ckpt, compute_dtype=self.autocast_dtype)
+
     def _build_networks(self) -> None:
         cfg = self.cfg
         t = cfg.teacher
@@ -109,17 +124,25 @@ class DistillationTrainer:
         self.schedule = self.family.schedule(res, res)
         anchors = self.family_anchors()
         self.anchors = anchors.to(self.device)
-        self.teacher = self.family.load_denoiser(dtype_of(t.dtype)).to(self.device).eval().requires_grad_(False)
-        generator = self.family.build_student(self.teacher).to(self.device, torch.float32).train()
-        fake = self.family.build_student(self.teacher).to(self.device, torch.float32).train()
-        if bool(cfg.train.gradient_checkpointing):
-            for net in (generator, fake):
-                if hasattr(net, "enable_gradient_checkpointing"):
-                    net.enable_gradient_checkpointing()
-        strategy = str(cfg.dist.strategy)
-        blocks = self.family.block_types() if hasattr(self.family, "block_types") else ()
-        self.generator = sfdist.wrap_trainable(generator, self.info, strategy, blocks)
-        self.fake = sfdist.wrap_trainable(fake, self.info, strategy, blocks)
+        opts = self.shard_opts
+        opts.block_types = tuple(self.family.block_types()) if hasattr(self.family, "block_types") else ()
+        # Under FSDP2 only rank 0 reads the teacher (into host memory) and builds G and F from it; the other ranks
+        # build meta copies, and each network is sharded and filled from rank 0 before the next one is built.
+        fsdp = opts.strategy == "fsdp"
+        host: dict[str, nn.Module] = {}
+
+        def teacher_full() -> nn.Module:
+            if "teacher" not in host:
+                host["teacher"] = self.family.load_denoiser(dtype_of(t.dtype), device="cpu" if fsdp else None)
+            return host["teacher"]
+
+        def student() -> nn.Module:
+            return self.family.build_student(teacher_full()).to(torch.float32)
+
+        self.generator = sfdist.build_sharded(student, self.info, opts, trainable=True)
+        self.fake = sfdist.build_sharded(student, self.info, opts, trainable=True)
+        self.teacher = sfdist.build_sharded(teacher_full, self.info, opts, trainable=False)
+        host.clear()
         self.discriminator = self.text_conditioner = self.dmd2_head = None
         if bool(cfg.method.gan.enabled):
             self._build_discriminator()
@@ -132,6 +155,7 @@ class DistillationTrainer:
             self.dmd2_head = DMD2Classifier.for_unet(
                 sfdist.unwrap(self.fake), latent_hw, self.family, self.schedule, sampler_from(cfg.method.dmd2_cls.timestep)
             ).to(self.device)
+            sfdist.broadcast_module(self.dmd2_head)  # replicated: every rank starts from rank 0's initialisation
         self.distiller = Distiller(
             cfg.method, self.family, self.schedule, self.anchors, self.teacher, self.generator, self.fake,
             self.discriminator, self.text_conditioner, self.dmd2_head,
@@ -154,7 +178,9 @@ class DistillationTrainer:
             downsample=int(d.downsample), virtual_batch=int(d.virtual_batch), augment_policy=list(d.diffaug),
             translation_ratio=float(d.translation_ratio), cutout_ratio=float(d.cutout_ratio),
             resize_to=d.resolution, image_mean=bb.image_mean, image_std=bb.image_std,
+            use_embedding=bool(d.hook_patch),
         ).to(self.device)
+        sfdist.broadcast_module(self.discriminator.heads)  # replicated heads: rank 0's initialisation everywhere
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -173,6 +199,9 @@ class DistillationTrainer:
             self.sched_d = build_scheduler(self.opt_d, float(o.lr_discriminator), o)
         ema = self.cfg.train.ema
         self.ema = EMA(sfdist.unwrap(self.generator), float(ema.decay)) if bool(ema.enabled) else None
+        for opt in (self.opt_g, self.opt_f, self.opt_d):
+            if opt is not None:  # state exists before any checkpoint touches it (see init_optimizer_state)
+                init_optimizer_state(opt)
 
     # ================================================================== checkpoints
     def _checkpoint_parts(self) -> tuple[dict, dict, dict]:
@@ -187,15 +216,21 @@ class DistillationTrainer:
             schedulers["disc_heads"] = self.sched_d
         return models, optimizers, schedulers
 
-    def _shared_extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {"iteration": torch.tensor(self.iteration)}
-        if self.ema is not None:
-            extra["ema"] = self.ema.state_dict()
-        return extra
+    def _sharded_state(self) -> dict[str, Any]:
+        """Extra tensors saved through DCP: the EMA (DTensor shards under FSDP2)."""
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
 
     def save(self) -> Path:
+        """Checkpoint the run (every rank; see :mod:`senseflow.trainer.checkpoint` for the layout)."""
         models, optimizers, schedulers = self._checkpoint_parts()
-        extra = {"rng": self.rng.state_dict(), "data": self.data.state_dict(), "torch_rng": torch.get_rng_state()}
+        trainer_state = {
+            "iteration": self.iteration,
+            "world_size": self.info.world_size,
+            "data": self.data.state_dict(),  # a global consumed-sample count: the same on every rank
+            "rng_shared": self.rng.shared.get_state(),
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+        }
+        rank_state = {"rng": self.rng.state_dict(), "torch_rng": torch.get_rng_state()}
 
         def student() -> dict[str, torch.Tensor]:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -203,29 +238,72 @@ class DistillationTrainer:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return get_model_state_dict(self.generator, options=opts)
 
+        sfdist.reshard(self.generator)
+        sfdist.reshard(self.fake)
         return self.checkpointer.save(
-            self.iteration, models, optimizers, schedulers, extra, self._shared_extra(), student, resolved_yaml(self.cfg)
+            self.iteration, models, optimizers, self._sharded_state(), trainer_state, rank_state, student,
+            resolved_yaml(self.cfg),
         )
 
     def _resume(self) -> None:
+        """Continue from ``checkpoints/latest`` if there is one (resuming is running the same command again).
+
+        Everything global is restored exactly: networks, optimisers, LR schedulers, EMA, iteration, the data
+        position and the shared RNG stream (so shared decisions stay identical on every rank). Each rank restores
+        its own noise streams from ``rank{r}_state.pt``. On a different number of processes: ranks that wrote no
+        file (more processes now) start fresh noise streams seeded from (seed, iteration, rank); the streams of
+        ranks that no longer exist (fewer processes now) are dropped; the data position is kept (rounded down to a
+        multiple of the new world size). Such a run continues correctly but is not bit-identical to any
+        uninterrupted run, since the global batch itself changed.
+        """
         path = self.checkpointer.latest()
         if path is None:
             return
         models, optimizers, schedulers = self._checkpoint_parts()
-        shared = self._shared_extra()
-        extras = self.checkpointer.load(path, models, optimizers, schedulers, shared)
-        self.iteration = int(extras["shared"]["iteration"])
+        sharded = self._sharded_state()
+        state, mine = self.checkpointer.load(path, models, optimizers, sharded)
+        self.iteration = int(state["iteration"])
         if self.ema is not None:
-            self.ema.load_state_dict(extras["shared"]["ema"])
-        if "rng" in extras:
-            self.rng.load_state_dict(extras["rng"])
-            torch.set_rng_state(extras["torch_rng"])
-        else:  # resumed on more ranks than wrote the checkpoint: fresh per-rank streams, offset by the iteration
-            self.rng = RunRNG(int(self.cfg.experiment.seed) + self.iteration, self.info.rank, slots=self.samples_per_iteration)
-        if "data" in extras:
-            self.data.load_state_dict(extras["data"])
+            self.ema.load_state_dict(sharded["ema"])
+        for k, s in schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        seed, slots = int(self.cfg.experiment.seed), self.samples_per_iteration
+        if mine is not None and all(f"noise_{i}" in mine["rng"] for i in range(slots)) and f"noise_{slots}" not in mine["rng"]:
+            self.rng.load_state_dict(mine["rng"])
+            torch.set_rng_state(mine["torch_rng"])
+        else:
+            self.rng = RunRNG(mix_seed(seed, self.iteration), self.info.rank, slots=slots)
+            if self.info.is_main or mine is None:
+                print(f"[senseflow] rank {self.info.rank}: no noise streams of this rank and batch layout in {path}; "
+                      f"fresh per-rank streams seeded from (seed, iteration {self.iteration}, rank)", flush=True)
+        self.rng.shared.set_state(state["rng_shared"])
+        self.data.load_state_dict(state["data"])
         if self.info.is_main:
-            print(f"[senseflow] resumed from {path} at iteration {self.iteration}", flush=True)
+            self._rewind_metrics(self.iteration)
+            saved_world = int(state.get("world_size", self.info.world_size))
+            note = (f" (written by {saved_world} process{'es' if saved_world > 1 else ''}, now {self.info.world_size})"
+                    if saved_world != self.info.world_size else "")
+            print(f"[senseflow] resumed from {path} at iteration {self.iteration}{note}", flush=True)
+
+    def _rewind_metrics(self, iteration: int) -> None:
+        """Drop metrics.jsonl rows logged after ``iteration`` by a run that died before its next checkpoint."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        import json
+
+        def logged_at(line: str) -> int | None:
+            try:
+                return int(json.loads(line)["iteration"])
+            except (ValueError, KeyError, TypeError):
+                return None  # a line cut short by the kill
+
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if (logged_at(ln) or iteration + 1) <= iteration]
+        if len(kept) != len(lines):
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+            os.replace(tmp, path)
 
     # ================================================================== training
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -254,11 +332,25 @@ class DistillationTrainer:
                           x_in=x_in.float(), tau_k=tau_k, ref_feats=ref_feats, noise=noise)
 
     def _clip_and_step(self, net: nn.Module, params: Any, opt: torch.optim.Optimizer) -> float:
+        """Average replicated gradients over ranks (FSDP2 shards are reduced already), clip the global norm, step."""
         clip = self.cfg.optimizer.grad_clip  # None: no clipping (the norm is still measured and logged)
-        norm = torch.nn.utils.clip_grad_norm_(list(params), float("inf") if clip is None else float(clip))
+        params = list(params)
+        sfdist.sync_replicated_grads(params)
+        norm = sfdist.clip_grad_norm(params, None if clip is None else float(clip))
+        sfdist.reshard(net)  # a root gathered by a forward without backward would otherwise keep stale weights
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm
+
+    def _check_decisions(self, it: int, d: Decisions) -> None:
+        """Gather this iteration's shared decisions from every rank and fail unless they agree (the first iteration
+        of every process, and every iteration with SENSEFLOW_DEBUG_CHECK_DECISIONS=1)."""
+        if not self.info.distributed or (self._decisions_checked and os.environ.get(CHECK_DECISIONS_ENV) != "1"):
+            return
+        mid = None if d.isg_mid is None else [float(v) for v in torch.as_tensor(d.isg_mid).reshape(-1)]
+        values = (bool(d.backsim), int(d.k), float(d.dmd_guidance), float(d.isg_guidance), mid)
+        sfdist.assert_same_on_all_ranks(values, f"iteration {it}: shared decisions (backsim, k, guidance, ISG mid-point)")
+        self._decisions_checked = True
 
     def train_iteration(self, it: int) -> dict[str, float]:
         """One iteration in the order of §1.3; returns the logs (losses, grad norms, LRs)."""
@@ -266,6 +358,7 @@ class DistillationTrainer:
         accum = int(cfg.train.grad_accum)
         do_g = it % int(cfg.method.gd) == 0
         d = self.distiller.draw_decisions(self.rng)
+        self._check_decisions(it, d)
         logs: dict[str, float] = {"decision/backsim": float(d.backsim), "decision/k": float(d.k)}
         b = int(cfg.train.batch_size)
         micro = [self.prepare(self.data.next(), d, self.rng.noise(m * b, b)) for m in range(accum)]
@@ -293,6 +386,8 @@ class DistillationTrainer:
             logs["grad_norm/generator"] = self._clip_and_step(self.generator, self.generator.parameters(), self.opt_g)
             self.opt_f.zero_grad(set_to_none=True)
             if bool(cfg.method.ida.enabled):
+                sfdist.reshard(self.fake)  # IDA pairs local shards by name
+                sfdist.reshard(self.generator)
                 ida_update(self.fake, self.generator, float(cfg.method.ida.lam))
             if self.ema is not None:
                 self.ema.update(sfdist.unwrap(self.generator))
@@ -342,6 +437,7 @@ class DistillationTrainer:
                 logs = self.train_iteration(it)
                 logs["time/iteration_s"] = time.perf_counter() - t0
                 self.iteration = it
+                kill_if_requested(TEST_KILL_AT_ENV, it)  # test-only hook (see senseflow.trainer.checkpoint)
                 for k, v in logs.items():
                     if k.startswith("loss/") and not math.isfinite(v):
                         raise FloatingPointError(f"iteration {it}: {k} = {v} is not finite")
@@ -357,9 +453,10 @@ class DistillationTrainer:
 
     @torch.no_grad()
     def preview(self, it: int) -> Path | None:
-        """A full few-step sample of the fixed preview prompts as one image grid (rank 0)."""
+        """A full few-step sample of the fixed preview prompts as one image grid (written by rank 0; under FSDP2
+        every rank runs the sharded generator with the same inputs)."""
         prompts = list(self.cfg.train.preview_prompts)
-        if not prompts or not self.info.is_main:
+        if not prompts or not (self.info.is_main or sfdist.is_sharded(self.generator)):
             return None
         cond = self.family.encode_prompts(prompts).to(self.device)
         res = int(self.cfg.teacher.resolution)
@@ -367,6 +464,8 @@ class DistillationTrainer:
         gen = torch.Generator().manual_seed(int(self.cfg.experiment.seed))
         with self.autocast():
             latents = sample_stochastic(self.family, self.generator, cond, self.anchors, gen, shape)
+        if not self.info.is_main:
+            return None
         images = self.family.decode_latents(latents.float())
         return save_grid(images, self.run_dir / "previews" / f"iter_{it:06d}.png")
 

@@ -3,21 +3,36 @@
 Layout under ``<run_dir>/checkpoints``::
 
     iter_000300/                 one complete checkpoint
-        .metadata, __*_*.distcp  DCP shards: every trained network, optimiser, LR scheduler, EMA
-        extra_rank{r}.pt         per-rank state: RNG streams, data position (tensors and ints only)
+        .metadata, __*_*.distcp  DCP: every trained network (G, F, D heads), every optimiser, the EMA — sharded
+                                 DTensors are saved by their owners and re-sharded on load, so a checkpoint resumes
+                                 on any number of processes
+        trainer_state.pt         rank 0: iteration, world size, data position (global), the shared RNG stream,
+                                 every LR scheduler
+        rank{r}_state.pt         rank r: its per-sample noise streams and torch's global RNG state
         student.safetensors      the consolidated generator, for inference and export (rank 0)
         config.yaml              the resolved config of the run
     latest                       text file naming the newest complete checkpoint; moved last
 
-A checkpoint is written into ``.tmp-iter_XXXXXX`` and renamed when whole, and only then does ``latest`` move
-(write-then-rename), so a run killed mid-save resumes from the previous complete checkpoint; the last
-``keep_last`` checkpoints are kept and older ones are deleted only after the new one is complete.
+Atomicity: every file is written into ``.tmp-iter_XXXXXX``; after a barrier (all ranks done) rank 0 renames it to
+``iter_XXXXXX`` and only then rewrites ``latest`` (write-then-rename). A run killed at any point therefore resumes
+from the previous complete checkpoint and a half-written one never becomes ``latest``; stale temporary folders are
+removed by the next save. The last ``keep_last`` checkpoints are kept (0 = all); older ones are deleted only after
+the new one is complete.
+
+Test-only hooks (environment variables, read at the named point, never set by the framework itself):
+
+* ``SENSEFLOW_TEST_KILL_AT=<it>``: every rank SIGKILLs itself right after iteration ``it``'s updates, before its
+  logging and checkpoint (see :meth:`~senseflow.trainer.base.DistillationTrainer.train`).
+* ``SENSEFLOW_TEST_KILL_IN_SAVE=<it>``: every rank SIGKILLs itself while saving checkpoint ``it``, after all of its
+  files are written into the temporary folder and before the rename.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +49,22 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+__all__ = ["Checkpointer", "init_optimizer_state", "kill_if_requested", "TEST_KILL_AT_ENV", "TEST_KILL_IN_SAVE_ENV"]
+
 _NAME = re.compile(r"^iter_(\d{6,})$")
+TRAINER_STATE = "trainer_state.pt"
+#: test-only: SIGKILL every rank right after this iteration's updates
+TEST_KILL_AT_ENV = "SENSEFLOW_TEST_KILL_AT"
+#: test-only: SIGKILL every rank inside the save of this iteration, after the files are written, before the rename
+TEST_KILL_IN_SAVE_ENV = "SENSEFLOW_TEST_KILL_IN_SAVE"
+
+
+def kill_if_requested(env_name: str, iteration: int) -> None:
+    """Test hook: SIGKILL this process when environment variable ``env_name`` equals ``iteration``."""
+    if os.environ.get(env_name, "").strip() == str(iteration):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _barrier() -> None:
@@ -42,18 +72,66 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync(path)
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
+@torch.no_grad()
+def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Create ``opt``'s per-parameter state now, exactly as its first real step would (moments 0, step 0).
+
+    DCP can only save or load optimiser state that exists; ``get_optimizer_state_dict`` would otherwise create it
+    with a zero-gradient step that advances the step counter (and Adam's bias correction) of an optimiser that has
+    not stepped yet — e.g. G's between generator iterations — so a checkpoint would change the training it records.
+    Here the step runs with zero gradients and lr 0 (parameters unchanged: AdamW's moments stay 0, decay ×1) and
+    every ``step`` counter is reset to 0. No-op when the state exists.
+    """
+    if opt.state:
+        return
+    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    if not params:
+        return
+    saved_grads = [p.grad for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
+    opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    for p, grad in zip(params, saved_grads):
+        p.grad = grad
+    for state in opt.state.values():
+        if "step" in state:
+            step = state["step"]
+            state["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0
+
+
 class Checkpointer:
-    """Saves and restores named networks with their optimisers plus free-form per-rank extras."""
+    """Saves and restores the trained networks, their optimisers, sharded extras (EMA) and trainer / rank state."""
 
     def __init__(self, run_dir: Path, keep_last: int, rank: int) -> None:
         self.root = Path(run_dir) / "checkpoints"
-        self.keep_last = max(1, int(keep_last))
+        if int(keep_last) < 0:
+            raise ValueError(f"train.keep_last must be >= 0 (0 = keep all), got {keep_last}")
+        self.keep_last = int(keep_last)
         self.rank = rank
 
     # ---- discovery ---------------------------------------------------------------------------------------
@@ -63,8 +141,9 @@ class Checkpointer:
         if not pointer.exists():
             return None
         path = self.root / pointer.read_text().strip()
-        if not (path / ".metadata").exists():
-            raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint (no .metadata)")
+        for needed in (".metadata", TRAINER_STATE):
+            if not (path / needed).exists():
+                raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint (no {needed})")
         return path
 
     # ---- save ----------------------------------------------------------------------------------------------
@@ -73,13 +152,18 @@ class Checkpointer:
         iteration: int,
         models: dict[str, nn.Module],
         optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
-        schedulers: dict[str, Any],
-        extra_state: dict[str, Any],
-        shared_extra: dict[str, Any],
+        sharded_state: dict[str, Any],
+        trainer_state: dict[str, Any],
+        rank_state: dict[str, Any],
         student: Callable[[], dict[str, torch.Tensor]],
         config_yaml: str,
     ) -> Path:
-        """Write checkpoint ``iteration`` atomically; every rank calls this."""
+        """Write checkpoint ``iteration`` atomically; every rank calls this.
+
+        ``sharded_state``: extra tensors / DTensors saved through DCP (e.g. ``{"ema": {...}}``); ``trainer_state``:
+        rank 0's global state (torch.save-able, identical on every rank); ``rank_state``: this rank's own state;
+        ``student()``: the consolidated generator state dict (a collective; only rank 0's result is written).
+        """
         name = f"iter_{iteration:06d}"
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         if self.rank == 0:
@@ -91,32 +175,48 @@ class Checkpointer:
         state: dict[str, Any] = {f"model/{k}": get_model_state_dict(m) for k, m in models.items()}
         for k, (m, opt) in optimizers.items():
             state[f"optim/{k}"] = get_optimizer_state_dict(m, opt)
-        for k, s in schedulers.items():
-            state[f"sched/{k}"] = {"last_epoch": torch.tensor(s.last_epoch)}
-        for k, v in shared_extra.items():
-            state[f"shared/{k}"] = v
+        for k, v in sharded_state.items():
+            state[f"extra/{k}"] = v
         dcp.save(state, checkpoint_id=str(tmp))
-        torch.save(extra_state, tmp / f"extra_rank{self.rank}.pt")
+        del state
+        _save_torch(rank_state, tmp / f"rank{self.rank}_state.pt")
         full_student = student()  # collective under FSDP: every rank takes part
         if self.rank == 0:
             save_file({k: v.detach().contiguous().cpu() for k, v in full_student.items()}, str(tmp / "student.safetensors"))
+            _fsync(tmp / "student.safetensors")
             (tmp / "config.yaml").write_text(config_yaml)
+            _save_torch(trainer_state, tmp / TRAINER_STATE)
+        del full_student
         _barrier()
+        kill_if_requested(TEST_KILL_IN_SAVE_ENV, iteration)
         if self.rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_text_atomic(self.root / "latest", name)
+            self._publish(tmp, final)
             self._prune(keep=final)
         _barrier()
         return final
 
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the complete temporary folder into place, then move ``latest`` (rank 0)."""
+        old = None
+        if final.exists():  # an earlier attempt at this iteration that never became (or no longer is) latest
+            old = final.with_name(f".old-{final.name}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(self.root)
+        _write_text_atomic(self.root / "latest", final.name)
+        _fsync(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
     def _prune(self, keep: Path) -> None:
         done = sorted(p for p in self.root.iterdir() if _NAME.match(p.name))
-        for old in done[: max(0, len(done) - self.keep_last)]:
-            if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(".tmp-iter_*"):
+        if self.keep_last > 0:
+            for old in done[: max(0, len(done) - self.keep_last)]:
+                if old != keep:
+                    shutil.rmtree(old, ignore_errors=True)
+        for stale in list(self.root.glob(".tmp-iter_*")) + list(self.root.glob(".old-iter_*")):
             shutil.rmtree(stale, ignore_errors=True)
 
     # ---- load ----------------------------------------------------------------------------------------------
@@ -125,28 +225,32 @@ class Checkpointer:
         path: Path,
         models: dict[str, nn.Module],
         optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
-        schedulers: dict[str, Any],
-        shared_extra: dict[str, Any],
-    ) -> dict[str, Any]:
-        """Restore everything saved by :meth:`save`; returns this rank's extras (empty when its file is absent,
-        e.g. after resuming on more processes than wrote the checkpoint)."""
+        sharded_state: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Restore the networks, optimisers and ``sharded_state`` (in place) from ``path``.
+
+        Returns ``(trainer_state, rank_state)``; ``rank_state`` is None when no file of this rank exists (the run
+        resumes on more processes than wrote the checkpoint). Optimiser state must exist before the call
+        (:func:`init_optimizer_state`).
+        """
         state: dict[str, Any] = {f"model/{k}": get_model_state_dict(m) for k, m in models.items()}
         for k, (m, opt) in optimizers.items():
             state[f"optim/{k}"] = get_optimizer_state_dict(m, opt)
-        for k in schedulers:
-            state[f"sched/{k}"] = {"last_epoch": torch.tensor(0)}
-        state.update({f"shared/{k}": v for k, v in shared_extra.items()})
-        dcp.load(state, checkpoint_id=str(path))
+        for k, v in sharded_state.items():
+            state[f"extra/{k}"] = v
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:  # DCP's own message names the key; say which checkpoint and what to check
+            raise RuntimeError(
+                f"checkpoint {path} does not match this run (different networks, optimiser or EMA settings?): {e}"
+            ) from e
         for k, m in models.items():
             set_model_state_dict(m, state[f"model/{k}"], options=StateDictOptions(strict=True))
         for k, (m, opt) in optimizers.items():
             set_optimizer_state_dict(m, opt, state[f"optim/{k}"])
-        for k, s in schedulers.items():
-            s.last_epoch = int(state[f"sched/{k}"]["last_epoch"])
-            s._last_lr = [group["lr"] for group in s.optimizer.param_groups]
-        for k in shared_extra:
-            shared_extra[k] = state[f"shared/{k}"]
-        extra_file = path / f"extra_rank{self.rank}.pt"
-        extras = torch.load(extra_file, weights_only=True) if extra_file.exists() else {}
-        extras["shared"] = shared_extra
-        return extras
+        for k in sharded_state:
+            sharded_state[k] = state[f"extra/{k}"]
+        trainer_state = torch.load(path / TRAINER_STATE, weights_only=True)
+        rank_file = path / f"rank{self.rank}_state.pt"
+        rank_state = torch.load(rank_file, weights_only=True) if rank_file.exists() else None
+        return trainer_state, rank_state

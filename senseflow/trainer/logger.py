@@ -19,7 +19,8 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step: points logged after the checkpoint a resumed run starts from are dropped, not doubled
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

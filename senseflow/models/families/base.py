@@ -89,7 +89,7 @@ class TeacherFamily(ABC):
 
     # ---- loading -------------------------------------------------------------------------------------------
     @abstractmethod
-    def load_denoiser(self, dtype: torch.dtype | None = None) -> nn.Module:
+    def load_denoiser(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Module:
         """The teacher denoiser T from ``<path>/<denoiser_subfolder>``."""
 
     @abstractmethod

@@ -221,9 +221,11 @@ class DiffusersFamily(TeacherFamily):
         """Denoiser block classes, one FSDP unit each."""
         return ()
 
-    def load_denoiser(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """The frozen teacher T from ``<path>/<denoiser_subfolder>`` in ``dtype`` (default ``denoiser_dtype``)."""
-        return self._load(self.denoiser_class, self.denoiser_subfolder, dtype or self.denoiser_dtype)
+    def load_denoiser(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Module:
+        """The frozen teacher T from ``<path>/<denoiser_subfolder>`` in ``dtype`` (default ``denoiser_dtype``) on
+        ``device`` (default the family's; the CPU when rank 0 reads weights that FSDP2 then shards)."""
+        target = torch.device(device) if device is not None else None
+        return self._load(self.denoiser_class, self.denoiser_subfolder, dtype or self.denoiser_dtype, target)
 
     def _teacher_fp32(self, teacher: nn.Module) -> nn.Module:
         """An fp32 copy of the teacher: a deep copy if it is held in fp32, else its folder's weights read in fp32
