@@ -139,6 +139,7 @@ class Distiller:
             logs.update({f"isg/{k}": v for k, v in isg_logs.items()})
         if self.use_gan:
             img = self.family.decode_latents(mb.x0_hat.float())
+            mb.fake_pixels = img.detach().float()  # D's fake sample this iteration: decoded once, reused
             logits = self.discriminator(img, mb.text_embed, mb.ref_feats, mb.noise)
             w = self.time_weight(mb.tau_k, d.k)
             loss_adv = float(c.gan.weight) * gan.generator_hinge_loss(logits, w)

@@ -379,7 +379,7 @@ class DistillationTrainer:
                     heads.requires_grad_(True)
                 self._accumulate(logs, g_logs, accum)
             mb.x0_hat, mb.pred = mb.x0_hat.detach(), None
-            if self.discriminator is not None:
+            if self.discriminator is not None and mb.fake_pixels is None:  # G's adversarial pass decodes it otherwise
                 with torch.no_grad():
                     mb.fake_pixels = self.family.decode_latents(mb.x0_hat).float()
         if do_g:
