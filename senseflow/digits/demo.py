@@ -1,0 +1,185 @@
+"""``senseflow demo``: distil the embedded digits teacher into a 4-step student on the CPU, end to end.
+
+Steps (every path under ``--out``):
+
+1. ``data/dataset.json`` — the digits as a §13.1 JSON image-caption set (:func:`export_json_dataset`);
+2. ``backbones/`` — tiny random DINOv2 + CLIP-text folders for the VFM discriminator (``senseflow tiny``);
+3. ``run/`` — SenseFlow training through the same launcher and SD3.5 trainer as a real run:
+   ``sh exp_sd35/train_SD35_senseflow.sh 1 1 configs/SD35/digits_senseflow.yaml <out>/run key=value…``;
+4. ``student_grid.png`` / ``teacher_grid.png`` / ``grids.png`` — rows = digits 0..9, columns = seeds;
+5. ``metrics.md`` / ``metrics.json`` — prompt accuracy, FD to real digits and FD-T (see
+   :mod:`senseflow.digits.benchmark`) for the teacher 28-step, teacher 4-step Euler and student 4-step samplers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main_demo", "repo_root", "prepare_assets", "train_command", "run_training", "evaluate_run"]
+
+DEFAULT_CONFIG = "configs/SD35/digits_senseflow.yaml"
+LAUNCHER = "exp_sd35/train_SD35_senseflow.sh"
+
+
+def repo_root() -> Path:
+    """The source checkout holding ``configs/`` and ``exp_sd35/`` (the package is installed editable)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / LAUNCHER).is_file():
+        raise FileNotFoundError(f"{root / LAUNCHER} not found: `senseflow demo` needs the source checkout (pip install -e .)")
+    return root
+
+
+def prepare_assets(out: Path, seed: int = 0) -> dict[str, Path]:
+    """Write the digits JSON set and the tiny discriminator backbones under ``out`` (kept if already there)."""
+    from senseflow.digits.data import export_json_dataset
+    from senseflow.tiny import build_tiny_discriminator_backbones
+
+    data = out / "data" / "dataset.json"
+    if not data.is_file():
+        export_json_dataset(out / "data")
+    backbones = out / "backbones"
+    if not (backbones / "dinov2" / "config.json").is_file():
+        build_tiny_discriminator_backbones(backbones, seed=seed, overwrite=True)
+    return {"data": data, "dino": backbones / "dinov2", "clip": backbones / "clip_text"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def train_command(config: Path, run_dir: Path, teacher: Path, assets: dict[str, Path], iterations: int | None,
+                  overrides: Sequence[str] = ()) -> list[str]:
+    """The launcher command line (one node, one process) with the demo's paths as ``key=value`` overrides."""
+    cmd = ["sh", str(repo_root() / LAUNCHER), "1", "1", str(config), str(run_dir),
+           f"teacher.path={teacher}", f"data.path={assets['data']}",
+           f"discriminator.dino_path={assets['dino']}", f"discriminator.clip_path={assets['clip']}"]
+    if iterations is not None:
+        cmd.append(f"train.iterations={iterations}")
+    return cmd + list(overrides)
+
+
+def run_training(cmd: Sequence[str], log_path: Path) -> float:
+    """Run the launcher; its tqdm progress bar goes to the terminal, everything is also logged. Returns seconds."""
+    env = dict(os.environ, MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())), HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            log.write(chunk.decode(errors="replace"))
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"training failed with exit code {rc}; see {log_path}")
+    return time.perf_counter() - t0
+
+
+def latest_student(run_dir: Path) -> Path:
+    """``<run>/checkpoints/<latest>/student.safetensors``."""
+    ck = run_dir / "checkpoints"
+    latest = ck / "latest"
+    if latest.is_file():
+        path = ck / latest.read_text().strip() / "student.safetensors"
+    else:
+        found = sorted(ck.glob("iter_*/student.safetensors"))
+        if not found:
+            raise FileNotFoundError(f"no checkpoint with student.safetensors under {ck}")
+        path = found[-1]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return path
+
+
+def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, columns: int, seed: int = 0,
+                 meta: dict | None = None) -> dict:
+    """Grids and the metrics table of teacher 28-step, teacher 4-step Euler and the 4-step student."""
+    from PIL import Image
+
+    from senseflow.digits.benchmark import EvalSpec, Evaluator, classifier_heldout_accuracy, image_grid, write_results
+
+    ev = Evaluator(teacher, EvalSpec(per_digit=per_digit, seed=seed))
+    r28, im28 = ev.evaluate_teacher(28)
+    r4, _ = ev.evaluate_teacher(4)
+    rs, ims = ev.evaluate_student(student, "SenseFlow student 4-step")
+    cols = min(columns, per_digit)
+    g_s = image_grid(ims, ev.digits, cols)
+    g_t = image_grid(im28, ev.digits, cols)
+    g_s.save(out / "student_grid.png")
+    g_t.save(out / "teacher_grid.png")
+    both = Image.new("RGB", (g_s.width + g_t.width + 8, g_s.height), "white")
+    both.paste(g_s, (0, 0))
+    both.paste(g_t, (g_s.width + 8, 0))
+    both.save(out / "grids.png")
+    meta = dict(meta or {}, per_digit=per_digit, seed=seed, teacher=str(teacher), student=str(student),
+                classifier_heldout_accuracy=classifier_heldout_accuracy())
+    write_results(out, [r28, r4, rs], meta)
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="senseflow demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations (default: the config's)")
+    p.add_argument("--samples-per-digit", type=int, default=10, help="evaluation images per digit (default 10)")
+    p.add_argument("--grid-columns", type=int, default=6, help="seeds shown per digit in the grids (default 6)")
+    p.add_argument("--config", default=None, help=f"training config (default {DEFAULT_CONFIG} of the checkout)")
+    p.add_argument("--teacher", default=None, help="teacher folder (default the shipped senseflow/assets/digits_teacher)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the training process (default 2)")
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides for the training run")
+    return p
+
+
+def main_demo(argv: Sequence[str]) -> int:
+    """Entry point of ``senseflow demo``; returns the exit status."""
+    import torch
+
+    from senseflow.digits.teacher import default_teacher_path
+
+    args = build_parser().parse_args(list(argv))
+    if args.samples_per_digit < 2:
+        raise ValueError(f"--samples-per-digit must be ≥ 2, got {args.samples_per_digit} (the grids and FD need several seeds per digit)")
+    t_start = time.perf_counter()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = Path(args.teacher).resolve() if args.teacher else default_teacher_path()
+    if not (teacher / "model_index.json").is_file():
+        raise FileNotFoundError(f"{teacher / 'model_index.json'} not found: expected the digits teacher folder")
+    config = Path(args.config).resolve() if args.config else repo_root() / DEFAULT_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: expected a training YAML")
+    print(f"[demo] writing data set and discriminator backbones under {out}", flush=True)
+    assets = prepare_assets(out)
+    run_dir = out / "run"
+    cmd = train_command(config, run_dir, teacher, assets, args.iterations, args.overrides)
+    print("[demo] " + " ".join(cmd), flush=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    train_s = run_training(cmd, out / "train.log")
+    print(f"[demo] training took {train_s:.0f} s; evaluating", flush=True)
+    torch.set_num_threads(max(1, args.threads))
+    t_eval = time.perf_counter()
+    meta = evaluate_run(out, teacher, latest_student(run_dir), args.samples_per_digit, args.grid_columns,
+                        meta={"train_seconds": train_s, "command": cmd})
+    meta["eval_seconds"] = time.perf_counter() - t_eval
+    meta["total_seconds"] = time.perf_counter() - t_start
+    import json
+
+    data = json.loads((out / "metrics.json").read_text())
+    data["meta"].update(meta)
+    (out / "metrics.json").write_text(json.dumps(data, indent=1))
+    print((out / "metrics.md").read_text())
+    print(f"[demo] done in {meta['total_seconds']:.0f} s: {out / 'grids.png'} (student | teacher 28-step), "
+          f"{out / 'metrics.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_demo(sys.argv[1:]))
