@@ -134,7 +134,7 @@ def test_frechet_distance_equals_an_eigenvalue_computation_on_random_features():
 def test_frechet_distance_of_1d_gaussians_is_mean_and_std_gap():
     # N(1, 2²) vs N(4, 3²): (1−4)² + (2−3)² = 10
     assert frechet_distance([1.0], [[4.0]], [4.0], [[9.0]]) == pytest.approx(10.0, rel=1e-12)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="vectors of length"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
