@@ -1,4 +1,4 @@
-"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``, ``memory``, ``eval``.
+"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``, ``memory``, ``eval``, ``demo``.
 
 Errors a user can fix (bad config, missing folder, bad dataset) print one line and exit with code 2.
 """
@@ -65,6 +65,12 @@ def main_eval(argv: Sequence[str]) -> int:
     return run(list(argv))
 
 
+def main_demo(argv: Sequence[str]) -> int:
+    from senseflow.digits.demo import main_demo as run
+
+    return run(list(argv))
+
+
 def main_config(argv: Sequence[str]) -> int:
     from senseflow.config import main_config_check as run
 
@@ -79,6 +85,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "config": main_config,
     "memory": main_memory,
     "eval": main_eval,
+    "demo": main_demo,
 }
 
 

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-columns", type=int, default=6, help="seeds shown per digit in the grids (default 6)")
     p.add_argument("--config", default=None, help=f"training config (default {DEFAULT_CONFIG} of the checkout)")
     p.add_argument("--teacher", default=None, help="teacher folder (default the shipped senseflow/assets/digits_teacher)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the training process (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (OMP_NUM_THREADS) of training and evaluation (default 1: on a shared 2-core machine 2 threads oversubscribe and run ~5x slower)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for the training run")
     return p
 
@@ -161,7 +161,7 @@ def main_demo(argv: Sequence[str]) -> int:
     run_dir = out / "run"
     cmd = train_command(config, run_dir, teacher, assets, args.iterations, args.overrides)
     print("[demo] " + " ".join(cmd), flush=True)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     train_s = run_training(cmd, out / "train.log")
     print(f"[demo] training took {train_s:.0f} s; evaluating", flush=True)
     torch.set_num_threads(max(1, args.threads))

@@ -1,0 +1,43 @@
+"""The demo end to end in a fast mode: data + backbones → launcher + SD3.5 trainer → grids + metrics table.
+
+Runs `senseflow demo` (``main_demo``) for 11 iterations (one generator step at GD = 10) with 2 images per digit and
+checks that the sample grids and both metrics files appear with the three samplers' rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from senseflow.digits.demo import main_demo
+from senseflow.digits.teacher import default_teacher_path
+
+
+def _teacher() -> Path:
+    path = Path(os.environ.get("SENSEFLOW_DIGITS_TEACHER", default_teacher_path()))
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"digits teacher not found at {path} (set SENSEFLOW_DIGITS_TEACHER)")
+    return path
+
+
+def test_demo_fast_mode_writes_grids_and_metrics(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    rc = main_demo(["--out", str(out), "--iterations", "11", "--samples-per-digit", "2", "--grid-columns", "2",
+                    "--threads", "1", "--teacher", str(_teacher())])
+    assert rc == 0
+    for name in ("grids.png", "student_grid.png", "teacher_grid.png", "metrics.md", "metrics.json"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "metrics.json").read_text())
+    names = [r["name"] for r in data["results"]]
+    assert names == ["teacher 28-step Euler + CFG", "teacher 4-step Euler + CFG", "SenseFlow student 4-step"]
+    assert all(0.0 <= r["prompt_accuracy"] <= 1.0 for r in data["results"])
+    assert [r["nfe"] for r in data["results"]] == [56, 8, 4]
+    assert (out / "run" / "metrics.jsonl").is_file()  # the trainer really ran
+    assert "| SenseFlow student 4-step |" in (out / "metrics.md").read_text()
+
+
+def test_demo_rejects_missing_teacher(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        main_demo(["--out", str(tmp_path / "x"), "--teacher", str(tmp_path / "nope")])
