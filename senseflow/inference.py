@@ -258,7 +258,7 @@ def pixel_multiple(vae_config: Mapping[str, Any], denoiser_config: Mapping[str, 
     return vae_factor * latent_multiple
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -270,7 +270,8 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 on cuda, fp32 on cpu; else one of fp32, bf16, fp16 (UsageError, a ValueError, otherwise)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in _DTYPES:
@@ -313,8 +314,8 @@ def prepare(args: argparse.Namespace, spec: InferenceSpec) -> Plan:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.height < 1 or args.width < 1:
         raise UsageError(f"--height and --width must be positive, got {args.height}x{args.width}")
-    device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
 
     prompts = read_prompts(_prompts_path(args.prompts_file))
     if args.start_idx >= len(prompts):

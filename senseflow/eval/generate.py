@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from senseflow.inference import resolve_device, resolve_dtype  # one device/dtype rule for all entry points
 from senseflow.eval.images import image_path, is_complete_png, save_png_atomic
 
 __all__ = ["GenerationResult", "StudentSettings", "TeacherSettings", "plan_student", "pending", "generate_student",
@@ -38,8 +39,6 @@ __all__ = ["GenerationResult", "StudentSettings", "TeacherSettings", "plan_stude
            "resolve_device", "resolve_dtype"]
 
 RECORD = "generation.json"
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
 
 
 @dataclass
@@ -89,25 +88,6 @@ class TeacherSettings:
     device: str = "auto"
     dtype: str = "auto"
     pipeline_kwargs: Mapping[str, Any] | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; an unavailable cuda device raises ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name}: CUDA is not available on this machine")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 on cuda, fp32 on cpu."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of auto, fp32, bf16, fp16")
-    return _DTYPES[name]
 
 
 def check_record(folder: Path, record: Mapping[str, Any]) -> None:
