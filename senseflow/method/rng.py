@@ -40,40 +40,33 @@ def _gen_device(source: NoiseSource) -> torch.device:
     return torch.device("cpu") if source is None else list(source)[0].device
 
 
-def randn(shape: Sequence[int], source: NoiseSource, device: torch.device | str | None = None,
-          dtype: torch.dtype = torch.float32) -> Tensor:
-    """ε ~ N(0, I) of ``shape``; sample i comes from ``source[i]`` when ``source`` is a list."""
+def _draw(fn, shape: Sequence[int], source: NoiseSource, device, **kwargs) -> Tensor:
+    """``fn(shape)`` from one generator, or sample i's slice from ``source[i]`` when ``source`` is a list."""
     shape = tuple(shape)
     gens = _per_sample(shape, source)
     if gens is None:
-        out = torch.randn(shape, generator=source, device=_gen_device(source), dtype=dtype)
+        out = fn(shape, generator=source, device=_gen_device(source), **kwargs)
     else:
-        out = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens])
+        out = torch.cat([fn((1, *shape[1:]), generator=g, device=g.device, **kwargs) for g in gens])
     return out.to(device) if device is not None else out
+
+
+def randn(shape: Sequence[int], source: NoiseSource, device: torch.device | str | None = None,
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """ε ~ N(0, I) of ``shape``; sample i comes from ``source[i]`` when ``source`` is a list."""
+    return _draw(torch.randn, shape, source, device, dtype=dtype)
 
 
 def rand(shape: Sequence[int], source: NoiseSource, device: torch.device | str | None = None,
          dtype: torch.dtype = torch.float32) -> Tensor:
     """U[0, 1) of ``shape`` (per-sample generators as in :func:`randn`)."""
-    shape = tuple(shape)
-    gens = _per_sample(shape, source)
-    if gens is None:
-        out = torch.rand(shape, generator=source, device=_gen_device(source), dtype=dtype)
-    else:
-        out = torch.cat([torch.rand((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens])
-    return out.to(device) if device is not None else out
+    return _draw(torch.rand, shape, source, device, dtype=dtype)
 
 
 def randint(low: int, high_inclusive: int, shape: Sequence[int], source: NoiseSource,
             device: torch.device | str | None = None) -> Tensor:
     """Integers uniform on {low..high_inclusive} (per-sample generators as in :func:`randn`)."""
-    shape = tuple(shape)
-    gens = _per_sample(shape, source)
-    if gens is None:
-        out = torch.randint(low, high_inclusive + 1, shape, generator=source, device=_gen_device(source))
-    else:
-        out = torch.cat([torch.randint(low, high_inclusive + 1, (1, *shape[1:]), generator=g, device=g.device) for g in gens])
-    return out.to(device) if device is not None else out
+    return _draw(lambda size, **kw: torch.randint(low, high_inclusive + 1, size, **kw), shape, source, device)
 
 
 class RunRNG:
