@@ -1,6 +1,6 @@
 """The demo end to end in a fast mode: data + backbones → launcher + SD3.5 trainer → grids + metrics table.
 
-Runs `senseflow demo` (``main_demo``) for 11 iterations (one generator step at GD = 10) with 2 images per digit and
+Runs `senseflow demo` (``main_demo``) for 11 iterations (two generator steps at the config's GD = 5) with 2 images per digit and
 checks that the sample grids and both metrics files appear with the three samplers' rows.
 """
 from __future__ import annotations

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="senseflow demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--iterations", type=int, default=None, help="training iterations (default: the config's)")
-    p.add_argument("--samples-per-digit", type=int, default=10, help="evaluation images per digit (default 10)")
+    p.add_argument("--samples-per-digit", type=int, default=30, help="evaluation images per digit (default 30: FD-T noise floor ≈ 3.5, docs/benchmarks.md)")
     p.add_argument("--grid-columns", type=int, default=6, help="seeds shown per digit in the grids (default 6)")
     p.add_argument("--config", default=None, help=f"training config (default {DEFAULT_CONFIG} of the checkout)")
     p.add_argument("--teacher", default=None, help="teacher folder (default the shipped senseflow/assets/digits_teacher)")
