@@ -230,6 +230,9 @@ class OptimizerConfig:
     grad_clip: float | None = 1.0  # max grad norm for all players; null = no clipping
     warmup_steps: int = 500  # linear warm-up from lr_start to the player's lr
     lr_start: float = 1e-6
+    decay: str = "none"  # none | cosine (after the warm-up; ours, the reference is constant)
+    decay_steps: int = 0  # cosine: iterations from the end of the warm-up to lr_end_factor·lr
+    lr_end_factor: float = 0.0  # cosine: final LR as a fraction of the player's lr
 
 
 @dataclass
@@ -586,6 +589,9 @@ _RULES: dict[str, _Rule] = {
     "optimizer.weight_decay": _at_least(0),
     "optimizer.grad_clip": _Rule(lambda v: v is None or v > 0, "null (no clipping) or a number > 0"),
     "optimizer.warmup_steps": _NON_NEGATIVE_INT,
+    "optimizer.decay": _one_of("none", "cosine"),
+    "optimizer.decay_steps": _NON_NEGATIVE_INT,
+    "optimizer.lr_end_factor": _between(0, 1),
     "train.iterations": _NON_NEGATIVE_INT,
     "train.batch_size": _at_least(1, "an integer"),
     "train.grad_accum": _at_least(1, "an integer"),
@@ -653,6 +659,8 @@ def validate(cfg: SenseFlowConfig, sources: dict[str, str] | None = None) -> Non
         need(guidance.kind != "embedding" or cfg.teacher.family == "flux", f"{prefix}.kind",
              f"'cfg' for teacher.family={cfg.teacher.family} (only FLUX teachers have a guidance embedding)")
 
+    need(cfg.optimizer.decay != "cosine" or cfg.optimizer.decay_steps > 0, "optimizer.decay",
+         "'none' unless optimizer.decay_steps > 0 (cosine decays over that many iterations after the warm-up)")
     _validate_schedule(cfg, need)
     need(not cfg.method.dmd2_cls.enabled or cfg.teacher.family == "sdxl", "method.dmd2_cls.enabled",
          f"false for teacher.family={cfg.teacher.family} (the DMD2 classifier sits on the SDXL UNet bottleneck)")

@@ -106,6 +106,7 @@ COMMON = {
     "optimizer.eps": 1e-8,
     "optimizer.weight_decay": 0.0,
     "optimizer.warmup_steps": 500,
+    "optimizer.decay": "none",
     "train.save_interval": 3000,
     "train.grad_accum": 1,
     "data.resolution": 1024,
@@ -381,6 +382,9 @@ def test_wrong_type_names_key_and_expected_type(tmp_path):
         ("method.isg.margin=200", ["method.isg.margin", "segment 0"]),
         ("data.resolution=512", ["data.resolution", "teacher.resolution"]),
         ("method.dmd2_cls.enabled=true", ["method.dmd2_cls.enabled", "SDXL"]),
+        ("optimizer.decay=linear", ["optimizer.decay", "none, cosine"]),
+        ("optimizer.decay=cosine", ["optimizer.decay", "optimizer.decay_steps > 0"]),
+        ("optimizer.lr_end_factor=2", ["optimizer.lr_end_factor", "[0, 1]"]),
     ],
 )
 def test_out_of_range_values_name_key_origin_and_expectation(override, needles):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Any, Iterable
 
 import torch
@@ -31,23 +32,36 @@ def build_optimizer(params: Iterable[nn.Parameter], lr: float, cfg: Any) -> torc
     raise ValueError(f"optimizer.name: {cfg.name!r} is not one of adamw, adamw8bit")
 
 
-def warmup_lambda(lr: float, lr_start: float, warmup_steps: int):
-    """Multiplier of the base LR: linear from lr_start to lr over ``warmup_steps``, then constant.
+def warmup_lambda(lr: float, lr_start: float, warmup_steps: int, decay: str = "none", decay_steps: int = 0,
+                  end_factor: float = 0.0):
+    """Multiplier m(n) of the base LR at scheduler step n (one step per training iteration, §1.3).
 
-    With the presets' lr_start = lr = 1e-6 this is the reference's constant 1e-6 (§3.7).
+    Warm-up: m rises linearly from lr_start/lr to 1 over ``warmup_steps``. Then ``decay``:
+    ``none`` keeps m = 1 (with the presets' lr_start = lr = 1e-6 this is the reference's constant 1e-6, §3.7);
+    ``cosine`` follows m = f + (1 − f)·½(1 + cos(π·min(n − W, D)/D)) from 1 down to f = ``end_factor`` over
+    D = ``decay_steps`` iterations after the warm-up W, and stays at f afterwards.
     """
     start_ratio = lr_start / lr if lr > 0 else 1.0
+    if decay not in ("none", "cosine"):
+        raise ValueError(f"optimizer.decay: {decay!r} is not one of none, cosine")
+    if decay == "cosine" and decay_steps <= 0:
+        raise ValueError(f"optimizer.decay_steps must be > 0 with optimizer.decay=cosine, got {decay_steps}")
 
     def factor(step: int) -> float:
-        if warmup_steps <= 0 or step >= warmup_steps:
+        if warmup_steps > 0 and step < warmup_steps:
+            return start_ratio + (1.0 - start_ratio) * step / warmup_steps
+        if decay == "none":
             return 1.0
-        return start_ratio + (1.0 - start_ratio) * step / warmup_steps
+        progress = min(step - max(warmup_steps, 0), decay_steps) / decay_steps
+        return end_factor + (1.0 - end_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 
 
 def build_scheduler(opt: torch.optim.Optimizer, lr: float, cfg: Any) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(lr, float(cfg.lr_start), int(cfg.warmup_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_lambda(lr, float(cfg.lr_start), int(cfg.warmup_steps), str(cfg.decay), int(cfg.decay_steps),
+                           float(cfg.lr_end_factor)))
 
 
 class EMA:
