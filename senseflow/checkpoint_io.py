@@ -9,7 +9,9 @@ Accepted forms of ``checkpoint`` (METHOD.md §15-§16):
   folder holding ``config.json`` and ``diffusion_pytorch_model*.safetensors`` (the released ``SenseFlow-FLUX``);
 * one of our training checkpoints (``iter_XXXXXX/``, DCP), its parent ``checkpoints/`` folder, the ``latest`` pointer
   file in it, or the run folder itself:
-  the consolidated ``student.safetensors`` when present, otherwise the generator's entries of the DCP shards.
+  the consolidated ``student_ema.safetensors`` (G's EMA, written when ``train.ema.enabled``) or else
+  ``student.safetensors`` when present, otherwise the generator's entries of the DCP shards. To sample the raw
+  generator of a run trained with EMA, pass its ``student.safetensors`` file itself.
 
 The student's architecture always comes from a diffusers model config (its ``_class_name`` names the class). Keys are
 compared with the architecture *before* any weight is read, from the safetensors header or a memory-mapped
@@ -115,8 +117,9 @@ def resolve_student_source(checkpoint: Path | str) -> StudentSource:
         path = path / (path / "latest").read_text().strip()
         if not path.is_dir():
             raise FileNotFoundError(f"{checkpoint}/latest names {path.name}, which does not exist")
-    if (path / "student.safetensors").is_file():
-        return StudentSource("safetensors", path / "student.safetensors")
+    for name in ("student_ema.safetensors", "student.safetensors"):  # the EMA is the model a run publishes
+        if (path / name).is_file():
+            return StudentSource("safetensors", path / name)
     if (path / ".metadata").is_file():
         return StudentSource("dcp", path)
     model_dir = _model_folder(path)

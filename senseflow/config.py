@@ -239,6 +239,7 @@ class OptimizerConfig:
 class EMAConfig:
     enabled: bool = False
     decay: float = 0.999
+    warmup: float = 0.0  # d_n = min(decay, (1 + n)/(warmup + n)) after the n-th G step; 0: the constant decay
 
 
 @dataclass
@@ -597,6 +598,7 @@ _RULES: dict[str, _Rule] = {
     "train.grad_accum": _at_least(1, "an integer"),
     "train.mixed_precision": _one_of("auto", "bf16", "fp32"),
     "train.ema.decay": _Rule(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "train.ema.warmup": _Rule(lambda v: v >= 0, "a number >= 0 (0: no warm-up)"),
     "train.log_interval": _at_least(1, "an integer"),
     "train.preview_interval": _NON_NEGATIVE_INT,
     "train.preview_steps": _at_least(1, "an integer"),

@@ -7,7 +7,7 @@ Kills use the test-only hooks documented in :mod:`senseflow.trainer.checkpoint`:
 logging and checkpoint) and ``SENSEFLOW_TEST_KILL_IN_SAVE=<it>`` (inside the save of iteration ``it``, after every
 file is written into the temporary folder, before the rename). torchrun then tears the whole run down.
 
-"Bit-identical" covers everything the final checkpoint holds: student.safetensors, every DCP entry (G, F, D heads,
+"Bit-identical" covers everything the final checkpoint holds: student.safetensors and student_ema.safetensors, every DCP entry (G, F, D heads,
 their AdamW states, G's EMA), the trainer state (iteration, data position, shared RNG stream, LR schedulers), each rank's
 noise streams, and the logged metrics of every iteration. (Not torch's global RNG state: see assert_bit_identical.)
 """
@@ -27,7 +27,7 @@ from dist_runs import build_assets, dcp_contents, differing, flatten, tail, torc
 TRAINER = "flux_senseflow"
 GD, ITERATIONS, SAVE_EVERY = 2, 6, 2
 RUN_OVERRIDES = (f"method.gd={GD}", f"train.iterations={ITERATIONS}", f"train.save_interval={SAVE_EVERY}",
-                 "train.keep_last=2", "train.ema.enabled=true")
+                 "train.keep_last=2", "train.ema.enabled=true", "train.ema.warmup=10")
 #: the kill iteration is drawn once from this seed (1 .. ITERATIONS-1; any value must resume identically)
 KILL_SEED = 20261121
 
@@ -62,8 +62,9 @@ def metrics(run: Path) -> list[dict]:
 def assert_bit_identical(run: Path, ref: Path, scratch: Path) -> None:
     a, b = checkpoint(run), checkpoint(ref)
     assert a.name == b.name == f"iter_{ITERATIONS:06d}"
-    sa, sb = load_file(a / "student.safetensors"), load_file(b / "student.safetensors")
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for weights in ("student.safetensors", "student_ema.safetensors"):
+        sa, sb = load_file(a / weights), load_file(b / weights)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), weights
     da, db = dcp_contents(a, scratch), dcp_contents(b, scratch)
     for part in ("model/generator", "model/fake", "model/disc_heads", "optim/generator", "optim/fake",
                  "optim/disc_heads", "extra/ema"):
@@ -137,6 +138,11 @@ def test_a_two_process_checkpoint_resumes_on_one_process_and_trains_on(reference
     fake = {k: v for k, v in trainer.fake.state_dict().items()}
     assert all(torch.equal(stored[f"model/fake.{k}"], v) for k, v in fake.items())
     assert trainer.ema.shadow and all(torch.equal(stored[f"extra/ema.{k}"], v) for k, v in trainer.ema.shadow.items())
+    assert trainer.ema.num_updates == ITERATIONS // GD  # the warm-up of the EMA decay continues where it was
+    ema_file = load_file(saved / "student_ema.safetensors")  # the gathered EMA, what inference takes by default
+    assert ema_file.keys() == student.keys()
+    assert all(torch.equal(ema_file[k], v.to(ema_file[k].dtype)) for k, v in trainer.ema.shadow.items())
+    assert any(not torch.equal(ema_file[k], student[k]) for k in trainer.ema.shadow)
     steps = {int(s["step"]) for s in trainer.opt_g.state.values()}
     assert steps == {ITERATIONS // GD}
     assert {int(s["step"]) for s in trainer.opt_f.state.values()} == {ITERATIONS}

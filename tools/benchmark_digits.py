@@ -95,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {r}", flush=True)
     for name in args.methods:
         ck_dir = work / slug(name) / "checkpoints"
-        cks = sorted(ck_dir.glob("iter_*/student.safetensors"))
+        cks = sorted(p for p in ck_dir.glob("iter_*") if p.is_dir())
         if not cks:
             raise FileNotFoundError(f"no checkpoints under {ck_dir}")
         curve = []
         for ck in cks:
             r, im = ev.evaluate_student(ck, name)
-            curve.append((int(ck.parent.name.split("_")[1]), r.fd_teacher))
+            curve.append((int(ck.name.split("_")[1]), r.fd_teacher))
         r.extra = {"iterations": curve[-1][0], "train_seconds": train_s.get(name)}
         results.append(r)
         curves[name] = curve

@@ -131,14 +131,17 @@ class Evaluator:
         return self._run(lambda c, x, g: sample_stochastic(self.family, student, c, anchors, g, latents=x))
 
     def load_student(self, weights: str | Path) -> nn.Module:
-        """G's architecture (a copy of the teacher) with ``student.safetensors`` (or a checkpoint folder) loaded."""
+        """G's architecture (a copy of the teacher) with a ``.safetensors`` file or a checkpoint folder's weights
+        loaded (``student_ema.safetensors`` when the run kept an EMA, else ``student.safetensors``)."""
         from safetensors.torch import load_file
 
+        from senseflow.checkpoint_io import resolve_student_source
+
         weights = Path(weights)
-        if weights.is_dir():
-            weights = weights / "student.safetensors"
-        if not weights.is_file():
+        source = resolve_student_source(weights) if weights.exists() else None
+        if source is None or source.kind != "safetensors":
             raise FileNotFoundError(f"{weights}: expected a student.safetensors written by the trainer")
+        weights = source.path
         student = self.family.build_student(self.teacher)
         student.load_state_dict(load_file(str(weights)), strict=True)
         return student.eval().requires_grad_(False)

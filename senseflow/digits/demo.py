@@ -84,19 +84,17 @@ def run_training(cmd: Sequence[str], log_path: Path) -> float:
 
 
 def latest_student(run_dir: Path) -> Path:
-    """``<run>/checkpoints/<latest>/student.safetensors``."""
+    """The weights file of the run's newest checkpoint: ``student_ema.safetensors`` when the run kept an EMA of G,
+    else ``student.safetensors`` (the choice :func:`senseflow.checkpoint_io.resolve_student_source` makes)."""
+    from senseflow.checkpoint_io import resolve_student_source
+
     ck = run_dir / "checkpoints"
-    latest = ck / "latest"
-    if latest.is_file():
-        path = ck / latest.read_text().strip() / "student.safetensors"
-    else:
-        found = sorted(ck.glob("iter_*/student.safetensors"))
-        if not found:
-            raise FileNotFoundError(f"no checkpoint with student.safetensors under {ck}")
-        path = found[-1]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    return path
+    if not ck.is_dir():
+        raise FileNotFoundError(f"no checkpoints folder under {run_dir}")
+    source = resolve_student_source(ck if (ck / "latest").is_file() else max(ck.glob("iter_*"), default=ck))
+    if source.kind != "safetensors":
+        raise FileNotFoundError(f"no student.safetensors in the newest checkpoint under {ck}")
+    return source.path
 
 
 def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, columns: int, seed: int = 0,

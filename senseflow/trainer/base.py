@@ -198,7 +198,7 @@ class DistillationTrainer:
             self.opt_d = build_optimizer(self.discriminator.trainable_parameters(), float(o.lr_discriminator), o)
             self.sched_d = build_scheduler(self.opt_d, float(o.lr_discriminator), o)
         ema = self.cfg.train.ema
-        self.ema = EMA(sfdist.unwrap(self.generator), float(ema.decay)) if bool(ema.enabled) else None
+        self.ema = EMA(sfdist.unwrap(self.generator), float(ema.decay), float(ema.warmup)) if bool(ema.enabled) else None
         for opt in (self.opt_g, self.opt_f, self.opt_d):
             if opt is not None:  # state exists before any checkpoint touches it (see init_optimizer_state)
                 init_optimizer_state(opt)
@@ -229,6 +229,7 @@ class DistillationTrainer:
             "data": self.data.state_dict(),  # a global consumed-sample count: the same on every rank
             "rng_shared": self.rng.shared.get_state(),
             "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "ema_updates": self.ema.num_updates if self.ema is not None else 0,
         }
         rank_state = {"rng": self.rng.state_dict(), "torch_rng": torch.get_rng_state()}
 
@@ -238,11 +239,14 @@ class DistillationTrainer:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return get_model_state_dict(self.generator, options=opts)
 
+        def student_ema(full_student: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return self.ema.full_weights(full_student)
+
         sfdist.reshard(self.generator)
         sfdist.reshard(self.fake)
         return self.checkpointer.save(
             self.iteration, models, optimizers, self._sharded_state(), trainer_state, rank_state, student,
-            resolved_yaml(self.cfg),
+            resolved_yaml(self.cfg), student_ema if self.ema is not None else None,
         )
 
     def _resume(self) -> None:
@@ -265,6 +269,7 @@ class DistillationTrainer:
         self.iteration = int(state["iteration"])
         if self.ema is not None:
             self.ema.load_state_dict(sharded["ema"])
+            self.ema.num_updates = int(state.get("ema_updates", 0))
         for k, s in schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         seed, slots = int(self.cfg.experiment.seed), self.samples_per_iteration

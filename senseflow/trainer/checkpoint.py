@@ -10,6 +10,8 @@ Layout under ``<run_dir>/checkpoints``::
                                  every LR scheduler
         rank{r}_state.pt         rank r: its per-sample noise streams and torch's global RNG state
         student.safetensors      the consolidated generator, for inference and export (rank 0)
+        student_ema.safetensors  the same with G's EMA weights, when ``train.ema.enabled`` (rank 0); inference,
+                                 export and the digits demo take it in preference to student.safetensors
         config.yaml              the resolved config of the run
     latest                       text file naming the newest complete checkpoint; moved last
 
@@ -53,6 +55,8 @@ __all__ = ["Checkpointer", "init_optimizer_state", "kill_if_requested", "TEST_KI
 
 _NAME = re.compile(r"^iter_(\d{6,})$")
 TRAINER_STATE = "trainer_state.pt"
+STUDENT_FILE = "student.safetensors"
+STUDENT_EMA_FILE = "student_ema.safetensors"
 #: test-only: SIGKILL every rank right after this iteration's updates
 TEST_KILL_AT_ENV = "SENSEFLOW_TEST_KILL_AT"
 #: test-only: SIGKILL every rank inside the save of this iteration, after the files are written, before the rename
@@ -157,12 +161,15 @@ class Checkpointer:
         rank_state: dict[str, Any],
         student: Callable[[], dict[str, torch.Tensor]],
         config_yaml: str,
+        student_ema: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> Path:
         """Write checkpoint ``iteration`` atomically; every rank calls this.
 
         ``sharded_state``: extra tensors / DTensors saved through DCP (e.g. ``{"ema": {...}}``); ``trainer_state``:
         rank 0's global state (torch.save-able, identical on every rank); ``rank_state``: this rank's own state;
-        ``student()``: the consolidated generator state dict (a collective; only rank 0's result is written).
+        ``student()``: the consolidated generator state dict (a collective; only rank 0's result is written);
+        ``student_ema(full_student)``: the same with the EMA weights θ̄ (a collective), written as
+        ``student_ema.safetensors`` when given.
         """
         name = f"iter_{iteration:06d}"
         final, tmp = self.root / name, self.root / f".tmp-{name}"
@@ -181,12 +188,15 @@ class Checkpointer:
         del state
         _save_torch(rank_state, tmp / f"rank{self.rank}_state.pt")
         full_student = student()  # collective under FSDP: every rank takes part
+        full_ema = student_ema(full_student) if student_ema is not None else None  # collective too
         if self.rank == 0:
-            save_file({k: v.detach().contiguous().cpu() for k, v in full_student.items()}, str(tmp / "student.safetensors"))
-            _fsync(tmp / "student.safetensors")
+            for file, weights in ((STUDENT_FILE, full_student), (STUDENT_EMA_FILE, full_ema)):
+                if weights is not None:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / file))
+                    _fsync(tmp / file)
             (tmp / "config.yaml").write_text(config_yaml)
             _save_torch(trainer_state, tmp / TRAINER_STATE)
-        del full_student
+        del full_student, full_ema
         _barrier()
         kill_if_requested(TEST_KILL_IN_SAVE_ENV, iteration)
         if self.rank == 0:

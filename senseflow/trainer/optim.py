@@ -65,17 +65,29 @@ def build_scheduler(opt: torch.optim.Optimizer, lr: float, cfg: Any) -> torch.op
 
 
 class EMA:
-    """Exponential moving average of the generator: θ̄ ← d·θ̄ + (1 − d)·θ, by parameter name (fp32)."""
+    """Exponential moving average of the generator, by parameter name (fp32 shadow θ̄).
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = float(decay)
+    After the n-th generator step (n = 1, 2, ...): θ̄ ← d_n·θ̄ + (1 − d_n)·θ with d_n = min(d, (1 + n)/(w + n)) when
+    ``warmup`` w > 0 (so early averages are not dominated by the initial weights, here the teacher's), else d_n = d.
+    ``num_updates`` n is part of the trainer's checkpointed state.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: float = 0.0) -> None:
+        self.decay, self.warmup, self.num_updates = float(decay), float(warmup), 0
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def current_decay(self) -> float:
+        """d_n for the next update (n = ``num_updates`` + 1)."""
+        n = self.num_updates + 1
+        return min(self.decay, (1.0 + n) / (self.warmup + n)) if self.warmup > 0 else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
         for n, p in model.named_parameters():
             if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+                self.shadow[n].lerp_(p.detach().float(), 1.0 - decay)
+        self.num_updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
@@ -83,3 +95,20 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for n, t in state.items():
             self.shadow[n].copy_(t)
+
+    def full_weights(self, full_model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``full_model_state`` (the consolidated generator) with every averaged parameter replaced by θ̄.
+
+        A collective under FSDP2: every rank gathers each sharded θ̄; ranks whose consolidated state is empty (all
+        but rank 0 with a CPU-offloaded full state dict) get an empty dict back. Dtypes follow ``full_model_state``.
+        """
+        gathered = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in self.shadow.items()}
+        if not full_model_state:
+            return {}
+        missing = sorted(set(gathered) - set(full_model_state))
+        if missing:
+            raise KeyError(f"EMA parameters not in the generator's state dict: {missing[:5]}")
+        out = dict(full_model_state)
+        for n, t in gathered.items():
+            out[n] = t.detach().to(device="cpu", dtype=out[n].dtype)
+        return out
