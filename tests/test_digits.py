@@ -220,3 +220,29 @@ def test_training_pipeline_runs_end_to_end_and_reloads(tmp_path):
     assert teacher_record(tmp_path / "t")["config"]["flow"]["steps"] == 2
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_teacher(tmp_path / "nothing")
+
+
+def test_the_two_student_samplers_of_the_evaluator():
+    """"Ours" re-noises x̂₀ with fresh noise at each anchor; "Ours (Euler)" is the deterministic 4-step ODE of the
+    same velocity field: with the teacher itself as an (unguided) student it equals the teacher's 4-step Euler."""
+    from senseflow.digits.benchmark import EvalSpec, Evaluator
+    from senseflow.method.sampling import sample_euler
+
+    ev = Evaluator(default_teacher_path(), EvalSpec(per_digit=1, batch_size=10))
+    student = ev.family.build_student(ev.teacher).eval()
+    euler, _ = ev.student_images(student, "euler")
+    expected = sample_euler(ev.family, ev.teacher, ev.cond, ev._anchors(4), latents=ev.noise)
+    assert torch.allclose(euler, ev.family.decode_latents(expected).clamp(-1, 1), atol=1e-5)
+    stochastic, _ = ev.student_images(student, "stochastic")
+    assert stochastic.shape == euler.shape and not torch.allclose(stochastic, euler, atol=1e-3)
+    with pytest.raises(ValueError, match="stochastic, euler"):
+        ev.student_images(student, "heun")
+
+
+def test_the_evaluation_cfg_scale_comes_from_the_teacher_record(tmp_path):
+    from senseflow.digits.benchmark import recorded_guidance
+
+    assert recorded_guidance(default_teacher_path()) == teacher_record()["evaluation"]["settings"]["guidance_scale"]
+    (tmp_path / "senseflow_digits_teacher.json").write_text(json.dumps({"config": {}}))
+    with pytest.raises(ValueError, match="--teacher-guidance"):
+        recorded_guidance(tmp_path)

@@ -3,8 +3,9 @@
 
     python tools/benchmark_digits.py --out docs/benchmarks/digits [--iterations 800] [--save-every 100]
 
-Writes <out>/results.md + results.json (prompt accuracy, FD, FD-T, NFE, ms/image), <out>/fdt_curve.png
-(FD-T of every saved checkpoint) and <out>/grids/*.png. Training runs go to <out>/work (deleted with --clean).
+Writes <out>/results.md + results.json (prompt accuracy, FD, FD-T, NFE, ms/image; each student's final checkpoint
+with both samplers of METHOD.md §16.3, re-noising and "(Euler)"), <out>/fdt_curve.png (FD-T of every saved
+checkpoint, re-noising sampler) and <out>/grids/*.png. Training runs go to <out>/work (deleted with --clean).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from senseflow.digits.benchmark import (EvalSpec, Evaluator, classifier_heldout_accuracy, image_grid, plot_curves,
-                                        write_results)
+from senseflow.digits.benchmark import (STUDENT_SAMPLERS, EvalSpec, Evaluator, classifier_heldout_accuracy,
+                                        image_grid, plot_curves, write_results)
 from senseflow.digits.demo import DEFAULT_CONFIG, _free_port, prepare_assets, repo_root, train_command
 from senseflow.digits.teacher import default_teacher_path
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-digit", type=int, default=20, help="evaluation images per digit")
     p.add_argument("--parallel", type=int, default=2, help="training runs at once (1 thread each)")
     p.add_argument("--teacher", default=None)
+    p.add_argument("--teacher-guidance", type=float, default=None, help="teacher CFG scale (default: its training record's)")
     p.add_argument("--config", default=None)
     p.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of: " + ", ".join(METHODS))
     p.add_argument("--clean", action="store_true", help="delete the training runs afterwards")
@@ -84,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1)
 
     # ---- evaluation on one prompt/noise set ----------------------------------------------------------------
-    ev = Evaluator(teacher, EvalSpec(per_digit=args.per_digit))
+    ev = Evaluator(teacher, EvalSpec(per_digit=args.per_digit, teacher_guidance=args.teacher_guidance))
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
-    results, curves = [], {}
+    results, curves, euler_rows = [], {}, []
     for steps in (28, 4):
         r, im = ev.evaluate_teacher(steps)
         results.append(r)
@@ -107,10 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         curves[name] = curve
         image_grid(im, ev.digits, 8).save(grids / f"{slug(name)}.png")
         print(f"[bench] {r}", flush=True)
+        euler_rows.append(ev.evaluate_student(cks[-1], name + STUDENT_SAMPLERS["euler"], sampler="euler")[0])
+        euler_rows[-1].extra = dict(r.extra)
+        print(f"[bench] {euler_rows[-1]}", flush=True)
+    results += euler_rows
     hlines = {"teacher 4-step Euler": results[1].fd_teacher, "teacher 28-step (floor)": results[0].fd_teacher}
     plot_curves(curves, hlines, out / "fdt_curve.png")
     meta = {"command": "python " + " ".join(["tools/benchmark_digits.py", *(argv if argv is not None else sys.argv[1:])]),
-            "per_digit": args.per_digit, "iterations": args.iterations, "save_every": args.save_every,
+            "per_digit": args.per_digit, "teacher_guidance": ev.spec.teacher_guidance, "iterations": args.iterations,
+            "save_every": args.save_every,
             "teacher": str(teacher), "config": str(config), "classifier_heldout_accuracy": classifier_heldout_accuracy(),
             "curves": curves, "total_seconds": time.perf_counter() - t_start}
     write_results(out, results, meta, stem="results")

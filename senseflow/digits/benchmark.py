@@ -13,14 +13,15 @@ initial noises ε_j ~ N(0, I) (one ``torch.Generator`` seeded with ``seed``), th
 * NFE per image: network evaluations (CFG counts 2 per step) and the measured wall time per image.
 
 Samplers (METHOD.md §16.3): the teacher uses the deterministic Euler ODE sampler on the shifted grid
-σ = s₃(1 − k/K) with CFG u + s·(c − u); the student uses the 4-step re-noising sampler on its anchors
-σ_k = s₃(1 − k/4) = 1, .9, .75, .5 without guidance.
+σ = s₃(1 − k/K) with CFG u + s·(c − u); the student uses, without guidance, on its anchors
+σ_k = s₃(1 − k/4) = 1, .9, .75, .5, either the 4-step re-noising sampler ("Ours") or the 4-step Euler ODE
+sampler ("Ours (Euler)"); the paper's Table 1 reports both.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +37,12 @@ __all__ = [
     "write_results",
     "plot_curves",
     "classifier_heldout_accuracy",
+    "STUDENT_SAMPLERS",
+    "recorded_guidance",
 ]
+
+#: the student's samplers of METHOD.md §16.3 and the suffix of their result rows ("Ours" / "Ours (Euler)")
+STUDENT_SAMPLERS: dict[str, str] = {"stochastic": "", "euler": " (Euler)"}
 
 
 @dataclass
@@ -46,7 +52,7 @@ class EvalSpec:
     per_digit: int = 20
     seed: int = 0
     template: str = "a handwritten digit {word}"
-    teacher_guidance: float = 4.0      # the CFG scale the digits teacher was evaluated with (teacher record)
+    teacher_guidance: float | None = None  # teacher CFG scale s; None: the one its training record was evaluated at
     teacher_steps: int = 28            # the reference sampler (SD3.5 default step count)
     student_steps: int = 4             # §16.3
     batch_size: int = 100
@@ -73,6 +79,18 @@ class MethodResult:
     extra: dict = field(default_factory=dict)
 
 
+def recorded_guidance(teacher_path: str | Path) -> float:
+    """The CFG scale s at which the teacher's training record evaluated it (``evaluation.settings.guidance_scale``
+    of ``senseflow_digits_teacher.json``): the scale the demo and the benchmark sample the teacher with."""
+    from senseflow.digits.teacher import TEACHER_RECORD, teacher_record
+
+    try:
+        return float(teacher_record(teacher_path)["evaluation"]["settings"]["guidance_scale"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        raise ValueError(f"{Path(teacher_path) / TEACHER_RECORD} holds no evaluation.settings.guidance_scale: "
+                         f"pass the teacher's CFG scale explicitly (--teacher-guidance)") from None
+
+
 class Evaluator:
     """Loads the teacher family once; samples teacher grids and student checkpoints on the shared set."""
 
@@ -81,6 +99,8 @@ class Evaluator:
         from senseflow.method.sampling import flow_anchor_grid, initial_noise
         from senseflow.models.families import build_family
 
+        if spec.teacher_guidance is None:
+            spec = replace(spec, teacher_guidance=recorded_guidance(teacher_path))
         self.spec = spec
         self.family = build_family("sd3", path=str(teacher_path), t5_max_length=t5_max_length)
         self.teacher = self.family.load_denoiser(dtype=torch.float32).eval().requires_grad_(False)
@@ -123,12 +143,17 @@ class Evaluator:
             self.reference, _ = self.teacher_images(self.spec.teacher_steps, self.reference_noise)
         return self.reference
 
-    def student_images(self, student: nn.Module) -> tuple[Tensor, float]:
-        """Student 4-step re-noising sampler without guidance (1 NFE per step)."""
-        from senseflow.method.sampling import sample_stochastic
+    def student_images(self, student: nn.Module, sampler: str = "stochastic") -> tuple[Tensor, float]:
+        """Student 4-step sampler without guidance (1 NFE per step), METHOD.md §16.3: ``stochastic`` ("Ours",
+        re-noising x̂₀ with fresh ε at each anchor) or ``euler`` ("Ours (Euler)", x ← x + (σ_{k+1} − σ_k)·v)."""
+        from senseflow.method.sampling import sample_euler, sample_stochastic
 
         anchors = self._anchors(self.spec.student_steps)
-        return self._run(lambda c, x, g: sample_stochastic(self.family, student, c, anchors, g, latents=x))
+        if sampler == "stochastic":
+            return self._run(lambda c, x, g: sample_stochastic(self.family, student, c, anchors, g, latents=x))
+        if sampler == "euler":
+            return self._run(lambda c, x, g: sample_euler(self.family, student, c, anchors, latents=x))
+        raise ValueError(f"student sampler {sampler!r} is not one of {', '.join(STUDENT_SAMPLERS)}")
 
     def load_student(self, weights: str | Path) -> nn.Module:
         """G's architecture (a copy of the teacher) with a ``.safetensors`` file or a checkpoint folder's weights
@@ -157,10 +182,11 @@ class Evaluator:
         images, sec = self.teacher_images(steps)
         return self.score(name or f"teacher {steps}-step Euler + CFG", images, sec, 2 * steps), images
 
-    def evaluate_student(self, weights: str | Path | nn.Module, name: str) -> tuple[MethodResult, Tensor]:
+    def evaluate_student(self, weights: str | Path | nn.Module, name: str,
+                         sampler: str = "stochastic") -> tuple[MethodResult, Tensor]:
         self.build_reference()
         student = weights if isinstance(weights, nn.Module) else self.load_student(weights)
-        images, sec = self.student_images(student)
+        images, sec = self.student_images(student, sampler)
         return self.score(name, images, sec, self.spec.student_steps), images
 
 

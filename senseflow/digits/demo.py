@@ -98,16 +98,18 @@ def latest_student(run_dir: Path) -> Path:
 
 
 def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, columns: int, seed: int = 0,
-                 meta: dict | None = None) -> dict:
-    """Grids and the metrics table of teacher 28-step, teacher 4-step Euler and the 4-step student."""
+                 meta: dict | None = None, teacher_guidance: float | None = None) -> dict:
+    """Grids and the metrics table of teacher 28-step, teacher 4-step Euler and the 4-step student with each of
+    its two samplers (the grid shows the re-noising sampler, "Ours")."""
     from PIL import Image
 
     from senseflow.digits.benchmark import EvalSpec, Evaluator, classifier_heldout_accuracy, image_grid, write_results
 
-    ev = Evaluator(teacher, EvalSpec(per_digit=per_digit, seed=seed))
+    ev = Evaluator(teacher, EvalSpec(per_digit=per_digit, seed=seed, teacher_guidance=teacher_guidance))
     r28, im28 = ev.evaluate_teacher(28)
     r4, _ = ev.evaluate_teacher(4)
     rs, ims = ev.evaluate_student(student, "SenseFlow student 4-step")
+    re, _ = ev.evaluate_student(student, "SenseFlow student 4-step (Euler)", sampler="euler")
     cols = min(columns, per_digit)
     g_s = image_grid(ims, ev.digits, cols)
     g_t = image_grid(im28, ev.digits, cols)
@@ -118,8 +120,9 @@ def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, column
     both.paste(g_t, (g_s.width + 8, 0))
     both.save(out / "grids.png")
     meta = dict(meta or {}, per_digit=per_digit, seed=seed, teacher=str(teacher), student=str(student),
+                teacher_guidance=ev.spec.teacher_guidance,
                 classifier_heldout_accuracy=classifier_heldout_accuracy())
-    write_results(out, [r28, r4, rs], meta)
+    write_results(out, [r28, r4, rs, re], meta)
     return meta
 
 
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-columns", type=int, default=6, help="seeds shown per digit in the grids (default 6)")
     p.add_argument("--config", default=None, help=f"training config (default {DEFAULT_CONFIG} of the checkout)")
     p.add_argument("--teacher", default=None, help="teacher folder (default the shipped senseflow/assets/digits_teacher)")
+    p.add_argument("--teacher-guidance", type=float, default=None, help="teacher CFG scale of the evaluation (default: the scale in the teacher's training record, 4 for the shipped one)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (OMP_NUM_THREADS) of training and evaluation (default 1: on a shared 2-core machine 2 threads oversubscribe and run ~5x slower)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for the training run")
     return p
@@ -165,7 +169,7 @@ def main_demo(argv: Sequence[str]) -> int:
     torch.set_num_threads(max(1, args.threads))
     t_eval = time.perf_counter()
     meta = evaluate_run(out, teacher, latest_student(run_dir), args.samples_per_digit, args.grid_columns,
-                        meta={"train_seconds": train_s, "command": cmd})
+                        meta={"train_seconds": train_s, "command": cmd}, teacher_guidance=args.teacher_guidance)
     meta["eval_seconds"] = time.perf_counter() - t_eval
     meta["total_seconds"] = time.perf_counter() - t_start
     import json
