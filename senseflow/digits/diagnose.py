@@ -1,0 +1,113 @@
+"""Where a distilled digits student loses to its teacher: two measurements on the evaluator's prompt/noise set.
+
+**Hand-over FD-T.** On the student's K anchors τ₀ > … > τ_{K−1} (τ_K the clean end), the guided teacher takes the
+first j Euler steps and the student the remaining K − j::
+
+    x ← ε;  for k < K:  v = v_T^s(x, τ_k) if k < j else v_G(x, τ_k);  x ← x + (τ_{k+1} − τ_k)·v
+
+j = 0 is the student's Euler sampler ("Ours (Euler)"), j = K the teacher's K-step Euler with CFG s. FD-T of each j
+locates the anchor whose step costs the gap: if FD-T stays flat for j < K and drops only at j = K, the student's
+last step alone (τ_{K−1} → 0) accounts for it.
+
+**Velocity error along the guided teacher's ODE.** With x_σ the states of the teacher's n-step guided Euler
+trajectory (CFG s, shifted grid) started from the evaluator's noise, and at each requested σ the grid point nearest
+to it::
+
+    e_G(σ)  = mean ‖v_G(x_σ, σ)   − v_T^s(x_σ, σ)‖²   (the student)
+    e_1(σ)  = mean ‖v_T^1(x_σ, σ) − v_T^s(x_σ, σ)‖²   (the teacher without guidance = the student's initialisation)
+
+e_G < e_1 means the student has baked part of the guidance in at σ; e_G > e_1 means it moved away from the guided
+teacher there. This matters between the anchors too: ISG's target (METHOD.md §8.1) is
+x + (σ_m − σ_k)·v_T^s + (σ_{k+1} − σ_m)·v_G(x_m, σ_m), whose L2 minimiser in v_θ is the mix
+a·v_T^s + (1 − a)·v_G(σ_m) with a = (σ_k − σ_m)/(σ_k − σ_{k+1}); no loss trains G at σ_m itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from senseflow.digits.benchmark import Evaluator
+from senseflow.method.sampling import flow_anchor_grid
+
+__all__ = ["VelocityError", "handover_sample", "handover_fdt", "velocity_errors", "diagnosis_markdown"]
+
+
+@dataclass(frozen=True)
+class VelocityError:
+    """e_G(σ) and e_1(σ) of the module docstring at the trajectory's grid point ``sigma``."""
+
+    sigma: float
+    student: float
+    unguided_teacher: float
+
+
+@torch.no_grad()
+def handover_sample(ev: Evaluator, student: nn.Module, teacher_steps: int, cond, latents: Tensor) -> Tensor:
+    """Euler on the student's anchors: the guided teacher for the first ``teacher_steps`` steps, then the student."""
+    anchors = ev._anchors(ev.spec.student_steps)
+    k_total = anchors.numel()
+    if not 0 <= teacher_steps <= k_total:
+        raise ValueError(f"teacher_steps must be in 0..{k_total}, got {teacher_steps}")
+    fam, sch, x = ev.family, ev.schedule, latents
+    b = x.shape[0]
+    for k in range(k_total):
+        tau = anchors[k].expand(b)
+        tau_next = anchors[k + 1].expand(b) if k + 1 < k_total else sch.final_tau(x)
+        if k < teacher_steps:
+            v = fam.guided_predict(ev.teacher, x, tau, cond, ev.spec.teacher_guidance)
+        else:
+            v = fam.predict(student, x, tau, cond)
+        x = sch.step(x, v, tau, tau_next.to(tau.dtype))
+    return x
+
+
+def handover_fdt(ev: Evaluator, student: nn.Module) -> list[tuple[int, float]]:
+    """[(j, FD-T)] for j = 0..K teacher steps before the student takes over (module docstring)."""
+    from senseflow.digits.metrics import fd_between
+
+    reference = ev.build_reference()
+    out = []
+    for j in range(ev.spec.student_steps + 1):
+        images, _ = ev._run(lambda c, x, g, j=j: handover_sample(ev, student, j, c, x))
+        out.append((j, fd_between(images, reference)))
+    return out
+
+
+@torch.no_grad()
+def velocity_errors(ev: Evaluator, student: nn.Module, sigmas: Sequence[float], trajectory_steps: int = 56,
+                    batch: int | None = None) -> list[VelocityError]:
+    """e_G(σ) and e_1(σ) (module docstring) on the first ``batch`` prompts (default all) of the evaluator's set."""
+    if trajectory_steps < 1:
+        raise ValueError(f"trajectory_steps must be ≥ 1, got {trajectory_steps}")
+    fam, sch, s = ev.family, ev.schedule, ev.spec.teacher_guidance
+    n = len(ev.digits) if batch is None else min(int(batch), len(ev.digits))
+    cond, x = ev.cond.index(slice(0, n)), ev.noise[:n].clone()
+    grid = sch.anchors_from_grid(flow_anchor_grid(trajectory_steps))
+    wanted = {int(torch.argmin((grid - float(sig)).abs())) for sig in sigmas}
+    out = []
+    for k in range(grid.numel()):
+        tau = grid[k].expand(n)
+        v_guided = fam.guided_predict(ev.teacher, x, tau, cond, s)
+        if k in wanted:
+            e_g = float(((fam.predict(student, x, tau, cond) - v_guided) ** 2).mean())
+            e_1 = float(((fam.predict(ev.teacher, x, tau, cond) - v_guided) ** 2).mean())
+            out.append(VelocityError(float(grid[k]), e_g, e_1))
+        tau_next = grid[k + 1].expand(n) if k + 1 < grid.numel() else sch.final_tau(x)
+        x = sch.step(x, v_guided, tau, tau_next.to(tau.dtype))
+    return out
+
+
+def diagnosis_markdown(handover: Sequence[tuple[int, float]], errors: Sequence[VelocityError]) -> str:
+    """Both measurements as markdown tables."""
+    k = max(j for j, _ in handover) if handover else 0
+    lines = ["| guided-teacher Euler steps before the student takes over | FD-T |", "|---:|---:|"]
+    for j, fdt in handover:
+        label = f"{j} (student's Euler sampler)" if j == 0 else f"{j} (teacher {k}-step Euler)" if j == k else str(j)
+        lines.append(f"| {label} | {fdt:.1f} |")
+    lines += ["", "| σ (on the guided teacher's trajectory) | student ‖v_G − v_T^s‖² | unguided teacher ‖v_T^1 − v_T^s‖² |",
+              "|---:|---:|---:|"]
+    lines += [f"| {e.sigma:.3f} | {e.student:.4f} | {e.unguided_teacher:.4f} |" for e in errors]
+    return "\n".join(lines) + "\n"
