@@ -1,8 +1,8 @@
 """The demo end to end in a fast mode: data + backbones → launcher + SD3.5 trainer → grids + metrics table.
 
-Runs `senseflow demo` (``main_demo``) for 11 iterations (two generator steps at the config's GD = 5) with 2 images per digit and
-checks that the sample grids and both metrics files appear with the rows of the teacher's two samplers and the
-student's two (re-noising and Euler).
+Runs `senseflow demo` (``main_demo``) for 11 iterations (two generator steps at the config's GD = 5) with 2 images
+per digit and checks that the sample grids and both metrics files appear with the rows of the teacher's 28-, 4- and
+2-step Euler samplers and the student's two (re-noising and Euler).
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ def test_demo_fast_mode_writes_grids_and_metrics(tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     data = json.loads((out / "metrics.json").read_text())
     names = [r["name"] for r in data["results"]]
-    assert names == ["teacher 28-step Euler + CFG", "teacher 4-step Euler + CFG", "SenseFlow student 4-step",
-                     "SenseFlow student 4-step (Euler)"]
+    assert names == ["teacher 28-step Euler + CFG", "teacher 4-step Euler + CFG", "teacher 2-step Euler + CFG",
+                     "SenseFlow student 4-step", "SenseFlow student 4-step (Euler)"]
     assert all(0.0 <= r["prompt_accuracy"] <= 1.0 for r in data["results"])
-    assert [r["nfe"] for r in data["results"]] == [56, 8, 4, 4]
+    assert [r["nfe"] for r in data["results"]] == [56, 8, 4, 4, 4]
     assert (out / "run" / "metrics.jsonl").is_file()  # the trainer really ran
     assert "| SenseFlow student 4-step |" in (out / "metrics.md").read_text()
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
     results, curves, euler_rows = [], {}, []
-    for steps in (28, 4):
+    for steps in (ev.spec.teacher_steps, *ev.spec.teacher_baselines):
         r, im = ev.evaluate_teacher(steps)
         results.append(r)
         image_grid(im, ev.digits, 8).save(grids / f"teacher_{steps}step.png")

@@ -55,12 +55,17 @@ class EvalSpec:
     teacher_guidance: float | None = None  # teacher CFG scale s; None: the one its training record was evaluated at
     teacher_steps: int = 28            # the reference sampler (SD3.5 default step count)
     student_steps: int = 4             # §16.3
+    #: teacher Euler step counts scored beside the reference: 4 = the student's steps (8 NFE with CFG), 2 = the
+    #: student's 4 NFE (CFG costs 2 evaluations per step)
+    teacher_baselines: tuple[int, ...] = (4, 2)
     batch_size: int = 100
     reference_seed: int = 10_000       # independent noise of the FD-T reference set
 
     def __post_init__(self) -> None:
         if self.per_digit < 1:
             raise ValueError(f"EvalSpec.per_digit must be ≥ 1, got {self.per_digit}")
+        if any(int(n) < 1 for n in self.teacher_baselines):
+            raise ValueError(f"EvalSpec.teacher_baselines must hold step counts ≥ 1, got {self.teacher_baselines}")
 
     @property
     def digits(self) -> list[int]:

@@ -8,7 +8,8 @@ Steps (every path under ``--out``):
    ``sh exp_sd35/train_SD35_senseflow.sh 1 1 configs/SD35/digits_senseflow.yaml <out>/run key=value…``;
 4. ``student_grid.png`` / ``teacher_grid.png`` / ``grids.png`` — rows = digits 0..9, columns = seeds;
 5. ``metrics.md`` / ``metrics.json`` — prompt accuracy, FD to real digits and FD-T (see
-   :mod:`senseflow.digits.benchmark`) for the teacher 28-step, teacher 4-step Euler and student 4-step samplers.
+   :mod:`senseflow.digits.benchmark`) for the teacher 28-step, teacher 4- and 2-step Euler (2 steps = the
+   student's 4 NFE) and student 4-step samplers.
 """
 from __future__ import annotations
 
@@ -99,15 +100,16 @@ def latest_student(run_dir: Path) -> Path:
 
 def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, columns: int, seed: int = 0,
                  meta: dict | None = None, teacher_guidance: float | None = None) -> dict:
-    """Grids and the metrics table of teacher 28-step, teacher 4-step Euler and the 4-step student with each of
-    its two samplers (the grid shows the re-noising sampler, "Ours")."""
+    """Grids and the metrics table of teacher 28-step, the teacher's Euler baselines (4 steps; 2 steps = the
+    student's 4 NFE) and the 4-step student with each of its two samplers (the grid shows the re-noising sampler,
+    "Ours")."""
     from PIL import Image
 
     from senseflow.digits.benchmark import EvalSpec, Evaluator, classifier_heldout_accuracy, image_grid, write_results
 
     ev = Evaluator(teacher, EvalSpec(per_digit=per_digit, seed=seed, teacher_guidance=teacher_guidance))
-    r28, im28 = ev.evaluate_teacher(28)
-    r4, _ = ev.evaluate_teacher(4)
+    r28, im28 = ev.evaluate_teacher(ev.spec.teacher_steps)
+    baselines = [ev.evaluate_teacher(n)[0] for n in ev.spec.teacher_baselines]
     rs, ims = ev.evaluate_student(student, "SenseFlow student 4-step")
     re, _ = ev.evaluate_student(student, "SenseFlow student 4-step (Euler)", sampler="euler")
     cols = min(columns, per_digit)
@@ -122,7 +124,7 @@ def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, column
     meta = dict(meta or {}, per_digit=per_digit, seed=seed, teacher=str(teacher), student=str(student),
                 teacher_guidance=ev.spec.teacher_guidance,
                 classifier_heldout_accuracy=classifier_heldout_accuracy())
-    write_results(out, [r28, r4, rs, re], meta)
+    write_results(out, [r28, *baselines, rs, re], meta)
     return meta
 
 
