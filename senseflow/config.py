@@ -168,6 +168,7 @@ class ISGConfig:
     margin_space: str = "index"  # index (grid index) | timestep (units of the net timestep: 1000σ or DDPM t)
     last_segment_end: str = "zero"  # zero | grid_start (reference SD3.5: σ₄ = first grid σ, §8.1)
     sdxl_mode: str = "intended"  # intended | reference (§8.2, decision 3)
+    midpoint_model: str = "generator"  # generator (§8, the paper) | teacher (ablation: two-step teacher target)
 
 
 @dataclass
@@ -568,6 +569,7 @@ _RULES: dict[str, _Rule] = {
     "method.isg.margin_space": _one_of("index", "timestep"),
     "method.isg.last_segment_end": _one_of("zero", "grid_start"),
     "method.isg.sdxl_mode": _one_of("intended", "reference"),
+    "method.isg.midpoint_model": _one_of("generator", "teacher"),
     "method.gan.weight": _at_least(0),
     "method.gan.time_weight": _one_of("paper", "reference"),
     "method.dmd2_cls.gen_weight": _at_least(0),

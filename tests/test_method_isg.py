@@ -130,6 +130,35 @@ def test_flow_isg_target_equals_hand_computed_two_step_construction():
     assert (True, "guided", 3.0) in kinds and (False, "predict", None) in kinds
 
 
+
+def test_flow_target_is_the_velocity_mix_and_the_teacher_midpoint_ablation_is_two_teacher_steps():
+    """Same toy as above (segment 0.75 → 0.5, σ_m = 0.625, so a = (σ_k − σ_m)/(σ_k − σ_{k+1}) = 0.5).
+
+    ``generator`` (the paper): x_tar = x + (σ_{k+1} − σ_k)·(a·v_T + (1 − a)·v_m), i.e. L_ISG (l2) is minimised by
+    v_θ = 0.5·3.05 + 0.5·(−0.215625) = 1.4171875 for x = 1.
+    ``teacher`` (ablation): the move from σ_m uses the guided teacher, v_T(x_m) = 2·x_m + σ_m + 3·0.1:
+      x = 1:  v = 2.1625,  x_tar = 0.61875 − 0.125·2.1625 = 0.3484375
+      x = −2: v = −2.3375, x_tar = −1.63125 + 0.125·2.3375 = −1.3390625
+    """
+    s = FlowSchedule(timestep_scale=1.0, shift=1.0)
+    teacher, gen = AffineField(2.0, 1.0), AffineField(0.5, -1.0)
+    cond = toy_condition(2, 1, 0.1)
+    x = torch.tensor([1.0, -2.0]).reshape(2, 1, 1, 1)
+    tau_k, tau_m, tau_n = torch.full((2,), 0.75), torch.full((2,), 0.625), torch.full((2,), 0.5)
+    pred_theta = gen(x, tau_k, cond.pooled)
+
+    _, x_tar = isg_trajectories(ToyFamily(s), s, gen, teacher, x, pred_theta, tau_k, tau_m, tau_n, cond, 3.0)
+    v_mix = 0.5 * 3.05 + 0.5 * (0.5 * 0.61875 - 0.625 + 0.1)
+    assert float(x_tar[0]) == pytest.approx(1.0 + (0.5 - 0.75) * v_mix, abs=1e-6)
+
+    family = ToyFamily(s)
+    _, x_tar = isg_trajectories(family, s, gen, teacher, x, pred_theta, tau_k, tau_m, tau_n, cond, 3.0,
+                                midpoint_model="teacher")
+    assert x_tar.flatten().tolist() == pytest.approx([0.3484375, -1.3390625], abs=1e-6)
+    assert [(net is teacher, kind, g) for net, kind, g in family.calls] == [(True, "guided", 3.0)] * 2
+    with pytest.raises(ValueError, match="midpoint_model"):
+        ISGOptions(margin=20, margin_space="index", midpoint_model="fake")
+
 def test_pseudo_huber_value_and_gradient_only_through_pred_theta():
     s = FlowSchedule(timestep_scale=1.0, shift=1.0)
     anchors = torch.tensor([1.0, 0.75, 0.5, 0.25])

@@ -88,6 +88,7 @@ class Distiller:
         self.isg_options = ISGOptions(
             margin=int(i.margin), margin_space=str(i.margin_space), loss=str(i.loss), huber_c=float(i.huber_c),
             last_segment_end=str(i.last_segment_end), mode=str(i.sdxl_mode),
+            midpoint_model=str(i.midpoint_model),
         )
 
     # ---- shared draws ------------------------------------------------------------------------------------

@@ -32,6 +32,12 @@ Mid-points (``margin`` m, ``margin_space``):
 
 ``last_segment_end``: ``zero`` (default) ends the last segment at the clean point (σ = 0; DDPM ᾱ := 1);
 ``grid_start`` ends it at ``tau_from_index(0)`` like the reference (SD3.5 σ = 0.002994; SDXL t = 0).
+
+``midpoint_model``: ``generator`` (default, the paper and the reference) takes the move τ_m → τ_{k+1} with the
+current generator, p_m = G(x_m, τ_m); ``teacher`` takes it with the guided teacher, p_m = T_guided(x_m, τ_m, c, s),
+so the target is a two-step teacher trajectory. The latter is **not** the paper's ISG: it is an ablation of the
+mid-point model (docs/benchmarks.md, fourth session). Why it matters: for ``l2`` and flow the minimiser of L_ISG in
+G's velocity is v_θ = a·v_T + (1 − a)·v_m with a = (σ_k − σ_m)/(σ_k − σ_{k+1}), and no loss trains G at σ_m itself.
 """
 from __future__ import annotations
 
@@ -62,6 +68,7 @@ _LOSSES = ("pseudo_huber", "l2")
 _SPACES = ("index", "timestep")
 _ENDS = ("zero", "grid_start")
 _MODES = ("intended", "reference")
+_MIDPOINT_MODELS = ("generator", "teacher")
 # Tolerance, in integer units, under which N·σ counts as an integer (float32 anchors such as 0.904 give 903.99998).
 _INTEGER_SNAP = 1e-3
 
@@ -77,6 +84,7 @@ class ISGOptions:
     huber_c: float = 1e-3
     last_segment_end: str = "zero"
     mode: str = "intended"
+    midpoint_model: str = "generator"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -84,6 +92,7 @@ class ISGOptions:
             ("margin_space", self.margin_space, _SPACES),
             ("last_segment_end", self.last_segment_end, _ENDS),
             ("mode", self.mode, _MODES),
+            ("midpoint_model", self.midpoint_model, _MIDPOINT_MODELS),
         ):
             if value not in allowed:
                 raise ValueError(f"isg.{name}: {value!r} is not one of {', '.join(allowed)}")
@@ -95,7 +104,8 @@ class ISGOptions:
     @classmethod
     def from_config(cls, cfg: Any) -> "ISGOptions":
         """Read the option fields from a mapping or an attribute object (OmegaConf node); other keys are ignored."""
-        casts = {"margin": int, "margin_space": str, "loss": str, "huber_c": float, "last_segment_end": str, "mode": str}
+        casts = {"margin": int, "margin_space": str, "loss": str, "huber_c": float, "last_segment_end": str, "mode": str,
+                 "midpoint_model": str}
         out = {}
         for name, cast in casts.items():
             value = cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
@@ -195,6 +205,7 @@ def isg_trajectories(
     cond: Condition,
     guidance_scale: float,
     mode: str = "intended",
+    midpoint_model: str = "generator",
 ) -> tuple[Tensor, Tensor]:
     """(x_dir, x_tar) of the module docstring for given per-sample times τ_k, τ_m, τ_{k+1} (all [B]).
 
@@ -202,11 +213,16 @@ def isg_trajectories(
     """
     if mode not in _MODES:
         raise ValueError(f"isg.mode: {mode!r} is not one of {', '.join(_MODES)}")
+    if midpoint_model not in _MIDPOINT_MODELS:
+        raise ValueError(f"isg.midpoint_model: {midpoint_model!r} is not one of {', '.join(_MIDPOINT_MODELS)}")
     x = x_in.detach().float()
     with torch.no_grad():
         pred_t = guided_prediction(family, teacher, x, tau_k, cond, guidance_scale).float()
         x_m = schedule.step(x, pred_t, tau_k, tau_m).float()
-        pred_m = family.predict(generator_net, x_m, tau_m, cond).float()
+        if midpoint_model == "generator":
+            pred_m = family.predict(generator_net, x_m, tau_m, cond).float()
+        else:
+            pred_m = guided_prediction(family, teacher, x_m, tau_m, cond, guidance_scale).float()
         if mode == "intended":
             x_tar = schedule.step(x_m, pred_m, tau_m, tau_next)
         else:
@@ -260,7 +276,7 @@ def isg_loss(
     tau_next = segment_end(schedule, anchors, k, opts.last_segment_end, x_in)
     x_dir, x_tar = isg_trajectories(
         family, schedule, generator_net, teacher, x_in, pred_theta, tau_k, tau_m_b, tau_next, cond,
-        guidance_scale, opts.mode,
+        guidance_scale, opts.mode, opts.midpoint_model,
     )
     loss = isg_distance(x_dir, x_tar, opts.loss, opts.huber_c)
     logs = scalar_logs(loss=loss, tau_mid=tau_m.double(), diff_abs_mean=(x_dir.detach() - x_tar).abs().mean())
