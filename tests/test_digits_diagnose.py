@@ -56,3 +56,16 @@ def test_diagnosis_markdown_labels_both_ends():
     assert "| 0 (student's Euler sampler) | 20.4 |" in md
     assert "| 4 (teacher 4-step Euler) | 10.5 |" in md
     assert "| 0.500 | 0.1953 | 0.1714 |" in md
+
+
+def test_guided_regression_moves_the_student_toward_the_guided_teacher(ev, initial_student):
+    from senseflow.digits.diagnose import guided_regression
+
+    before = velocity_errors(ev, initial_student, [1.0, 0.5], trajectory_steps=4)
+    student, curve = guided_regression(ev, steps=24, lr=1e-3, batch_size=4, seed=0)
+    after = velocity_errors(ev, student, [1.0, 0.5], trajectory_steps=4)
+    assert curve == []  # no evaluation asked for
+    assert after[0].student < 0.9 * before[0].student  # σ = 1 carries the largest guidance term (−19% here)
+    assert after[0].unguided_teacher == before[0].unguided_teacher  # the teacher itself is untouched
+    with pytest.raises(ValueError, match="guided_regression"):
+        guided_regression(ev, steps=0, lr=1e-3, batch_size=4)

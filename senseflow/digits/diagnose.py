@@ -17,7 +17,17 @@ to it::
     e_1(σ)  = mean ‖v_T^1(x_σ, σ) − v_T^s(x_σ, σ)‖²   (the teacher without guidance = the student's initialisation)
 
 e_G < e_1 means the student has baked part of the guidance in at σ; e_G > e_1 means it moved away from the guided
-teacher there. This matters between the anchors too: ISG's target (METHOD.md §8.1) is
+teacher there.
+
+**The supervised bound.** G (initialised from the teacher, like the distilled student) regressed directly onto the
+guided teacher's velocity at the anchors, on states of the teacher's own guided Euler trajectory::
+
+    k ~ U{0..K−1};  x ← guided-teacher Euler from ε over τ₀ … τ_k;  L = mean ‖v_G(x, τ_k) − v_T^s(x, τ_k)‖²
+
+with AdamW, a cosine decay to 0 and gradient clipping at 1. Its 4-step Euler sampler converges to the teacher's
+4-step Euler *from above* (at L = 0 the two are the same function), so its FD-T after n steps bounds from below
+what baking the guidance in costs at a budget of n generator steps; beating the teacher's 4-step Euler needs a
+target better than the guided teacher's own one-step velocity. This matters between the anchors too: ISG's target (METHOD.md §8.1) is
 x + (σ_m − σ_k)·v_T^s + (σ_{k+1} − σ_m)·v_G(x_m, σ_m), whose L2 minimiser in v_θ is the mix
 a·v_T^s + (1 − a)·v_G(σ_m) with a = (σ_k − σ_m)/(σ_k − σ_{k+1}); no loss trains G at σ_m itself.
 """
@@ -26,13 +36,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from senseflow.digits.benchmark import Evaluator
 from senseflow.method.sampling import flow_anchor_grid
 
-__all__ = ["VelocityError", "handover_sample", "handover_fdt", "velocity_errors", "diagnosis_markdown"]
+__all__ = ["VelocityError", "handover_sample", "handover_fdt", "velocity_errors", "guided_regression",
+           "diagnosis_markdown"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,49 @@ def velocity_errors(ev: Evaluator, student: nn.Module, sigmas: Sequence[float], 
         tau_next = grid[k + 1].expand(n) if k + 1 < grid.numel() else sch.final_tau(x)
         x = sch.step(x, v_guided, tau, tau_next.to(tau.dtype))
     return out
+
+
+def guided_regression(ev: Evaluator, steps: int, lr: float, batch_size: int, seed: int = 0,
+                      eval_at: Sequence[int] = (), max_grad_norm: float = 1.0,
+                      weight_decay: float = 0.0) -> tuple[nn.Module, list[tuple[int, float]]]:
+    """The supervised bound of the module docstring: returns G after ``steps`` steps and [(step, FD-T of its Euler
+    sampler)] at each step in ``eval_at``. Prompts use the evaluator's template; noise comes from ``seed``."""
+    from senseflow.digits.data import caption
+    from senseflow.digits.metrics import fd_between
+
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"guided_regression: steps, batch_size ≥ 1 and lr > 0 expected, got {steps}, {batch_size}, {lr}")
+    fam, sch, s = ev.family, ev.schedule, ev.spec.teacher_guidance
+    anchors = ev._anchors(ev.spec.student_steps)
+    student = fam.build_student(ev.teacher).train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    prompts = fam.encode_prompts([caption(d, ev.spec.template) for d in range(10)])
+    gen = torch.Generator().manual_seed(int(seed))
+    shape = (batch_size, *ev.noise.shape[1:])
+    curve = []
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
+        cond = prompts.index(torch.randint(0, 10, (batch_size,), generator=gen))
+        k = int(torch.randint(0, anchors.numel(), (), generator=gen))
+        with torch.no_grad():
+            x = torch.randn(shape, generator=gen)
+            for j in range(k):
+                tau = anchors[j].expand(batch_size)
+                x = sch.step(x, fam.guided_predict(ev.teacher, x, tau, cond, s), tau, anchors[j + 1].expand(batch_size))
+            tau = anchors[k].expand(batch_size)
+            target = fam.guided_predict(ev.teacher, x, tau, cond, s)
+        loss = ((fam.predict(student, x, tau, cond) - target) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+        opt.step()
+        if step in set(eval_at):
+            student.eval()
+            images, _ = ev.student_images(student, "euler")
+            curve.append((step, fd_between(images, ev.build_reference())))
+            student.train()
+    return student.eval().requires_grad_(False), curve
 
 
 def diagnosis_markdown(handover: Sequence[tuple[int, float]], errors: Sequence[VelocityError]) -> str:
