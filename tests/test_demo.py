@@ -43,3 +43,21 @@ def test_demo_fast_mode_writes_grids_and_metrics(tmp_path: Path) -> None:
 def test_demo_rejects_missing_teacher(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         main_demo(["--out", str(tmp_path / "x"), "--teacher", str(tmp_path / "nope")])
+
+
+def test_iterations_stretch_the_cosine_decay_of_the_digits_config(tmp_path: Path) -> None:
+    """``--iterations N`` also sets optimizer.decay_steps = N: otherwise a longer run would spend every iteration
+    after the config's 1200 at the decayed LR (lr_end_factor 0 → no learning at all)."""
+    from senseflow.config import load_config
+    from senseflow.digits.demo import DEFAULT_CONFIG, repo_root, train_command
+
+    assets = {"data": tmp_path / "d.json", "dino": tmp_path / "dino", "clip": tmp_path / "clip"}
+    config = repo_root() / DEFAULT_CONFIG
+    cmd = train_command(config, tmp_path / "run", tmp_path / "teacher", assets, 2400)
+    overrides = cmd[6:]  # after: sh LAUNCHER nodes gpus config save_dir
+    cfg = load_config(config, overrides)
+    assert (cfg.train.iterations, cfg.optimizer.decay, cfg.optimizer.decay_steps) == (2400, "cosine", 2400)
+    # an explicit override given after it wins; without --iterations the config's own length stays
+    assert load_config(config, train_command(config, tmp_path / "r", tmp_path / "t", assets, 2400,
+                                             ["optimizer.decay_steps=600"])[6:]).optimizer.decay_steps == 600
+    assert load_config(config, train_command(config, tmp_path / "r", tmp_path / "t", assets, None)[6:]).optimizer.decay_steps == 1200

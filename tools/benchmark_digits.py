@@ -29,6 +29,10 @@ METHODS = {
     "SenseFlow (IDA+ISG+GAN)": [],
     "SenseFlow w/o IDA": ["method.ida.enabled=false"],
     "SenseFlow w/o ISG": ["method.isg.enabled=false"],
+    # not the paper's ISG (METHOD.md §8.1 takes σ_m → σ_(k+1) with G): the guided teacher takes both moves, and DMD's
+    # teacher CFG is 3 instead of 4 (docs/benchmarks.md, fourth session: why each of the two changes)
+    "SenseFlow ISG-teacher (ablation)": [
+        "method.isg.midpoint_model=teacher", "method.dmd.guidance.min=3", "method.dmd.guidance.max=3"],
 }
 
 
@@ -39,7 +43,8 @@ def slug(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--out", required=True)
-    p.add_argument("--iterations", type=int, default=None, help="training iterations per method (default: config)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="training iterations per method (default: config); the cosine LR decay is stretched to match")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint period K of the FD-T curve")
     p.add_argument("--per-digit", type=int, default=20, help="evaluation images per digit")
     p.add_argument("--parallel", type=int, default=2, help="training runs at once (1 thread each)")

@@ -58,12 +58,17 @@ def _free_port() -> int:
 
 def train_command(config: Path, run_dir: Path, teacher: Path, assets: dict[str, Path], iterations: int | None,
                   overrides: Sequence[str] = ()) -> list[str]:
-    """The launcher command line (one node, one process) with the demo's paths as ``key=value`` overrides."""
+    """The launcher command line (one node, one process) with the demo's paths as ``key=value`` overrides.
+
+    ``iterations`` sets ``train.iterations`` and ``optimizer.decay_steps`` together, so a cosine decay (the digits
+    config's) spans the whole run instead of ending at the config's length and leaving the LR at its end value;
+    an ``optimizer.decay_steps=…`` in ``overrides`` comes later and wins.
+    """
     cmd = ["sh", str(repo_root() / LAUNCHER), "1", "1", str(config), str(run_dir),
            f"teacher.path={teacher}", f"data.path={assets['data']}",
            f"discriminator.dino_path={assets['dino']}", f"discriminator.clip_path={assets['clip']}"]
     if iterations is not None:
-        cmd.append(f"train.iterations={iterations}")
+        cmd += [f"train.iterations={iterations}", f"optimizer.decay_steps={iterations}"]
     return cmd + list(overrides)
 
 
@@ -131,7 +136,8 @@ def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, column
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="senseflow demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--iterations", type=int, default=None, help="training iterations (default: the config's)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="training iterations (default: the config's); the cosine LR decay is stretched to match")
     p.add_argument("--samples-per-digit", type=int, default=30, help="evaluation images per digit (default 30: FD-T noise floor ≈ 3.5, docs/benchmarks.md)")
     p.add_argument("--grid-columns", type=int, default=6, help="seeds shown per digit in the grids (default 6)")
     p.add_argument("--config", default=None, help=f"training config (default {DEFAULT_CONFIG} of the checkout)")
