@@ -231,7 +231,7 @@ def test_the_two_student_samplers_of_the_evaluator():
     ev = Evaluator(default_teacher_path(), EvalSpec(per_digit=1, batch_size=10))
     student = ev.family.build_student(ev.teacher).eval()
     euler, _ = ev.student_images(student, "euler")
-    expected = sample_euler(ev.family, ev.teacher, ev.cond, ev._anchors(4), latents=ev.noise)
+    expected = sample_euler(ev.family, ev.teacher, ev.cond, ev.anchors(4), latents=ev.noise)
     assert torch.allclose(euler, ev.family.decode_latents(expected).clamp(-1, 1), atol=1e-5)
     stochastic, _ = ev.student_images(student, "stochastic")
     assert stochastic.shape == euler.shape and not torch.allclose(stochastic, euler, atol=1e-3)

@@ -23,7 +23,7 @@ def initial_student(ev: Evaluator) -> torch.nn.Module:
 
 
 def test_handover_ends_are_the_student_and_the_guided_teacher_euler_samplers(ev, initial_student):
-    anchors = ev._anchors(4)
+    anchors = ev.anchors(4)
     s = ev.spec.teacher_guidance
     teacher_4 = sample_euler(ev.family, ev.teacher, ev.cond, anchors, latents=ev.noise, guidance_scale=s)
     student_4 = sample_euler(ev.family, initial_student, ev.cond, anchors, latents=ev.noise)

@@ -130,7 +130,6 @@ def test_flow_isg_target_equals_hand_computed_two_step_construction():
     assert (True, "guided", 3.0) in kinds and (False, "predict", None) in kinds
 
 
-
 def test_flow_target_is_the_velocity_mix_and_the_teacher_midpoint_ablation_is_two_teacher_steps():
     """Same toy as above (segment 0.75 → 0.5, σ_m = 0.625, so a = (σ_k − σ_m)/(σ_k − σ_{k+1}) = 0.5).
 
@@ -158,6 +157,7 @@ def test_flow_target_is_the_velocity_mix_and_the_teacher_midpoint_ablation_is_tw
     assert [(net is teacher, kind, g) for net, kind, g in family.calls] == [(True, "guided", 3.0)] * 2
     with pytest.raises(ValueError, match="midpoint_model"):
         ISGOptions(margin=20, margin_space="index", midpoint_model="fake")
+
 
 def test_pseudo_huber_value_and_gradient_only_through_pred_theta():
     s = FlowSchedule(timestep_scale=1.0, shift=1.0)

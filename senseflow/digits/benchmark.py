@@ -119,11 +119,12 @@ class Evaluator:
         self._grid = flow_anchor_grid
         self.reference: Tensor | None = None
 
-    def _anchors(self, steps: int) -> Tensor:
+    def anchors(self, steps: int) -> Tensor:
+        """The shifted SD3.5 grid σ = s₃(1 − k/K) of a ``steps``-step sampler (the student's anchors for K = 4)."""
         return self.schedule.anchors_from_grid(self._grid(steps))
 
     @torch.no_grad()
-    def _run(self, sample, noise: Tensor | None = None) -> tuple[Tensor, float]:
+    def sample_set(self, sample, noise: Tensor | None = None) -> tuple[Tensor, float]:
         """Sample in batches with ``sample(cond, latents, gen)``; return pixels in [−1, 1] and seconds per image."""
         noise = self.noise if noise is None else noise
         out, t0 = [], time.perf_counter()
@@ -138,8 +139,8 @@ class Evaluator:
         """Teacher Euler ODE with CFG (2 NFE per step)."""
         from senseflow.method.sampling import sample_euler
 
-        anchors = self._anchors(steps)
-        return self._run(lambda c, x, g: sample_euler(self.family, self.teacher, c, anchors, latents=x,
+        anchors = self.anchors(steps)
+        return self.sample_set(lambda c, x, g: sample_euler(self.family, self.teacher, c, anchors, latents=x,
                                                       guidance_scale=self.spec.teacher_guidance), noise)
 
     def build_reference(self) -> Tensor:
@@ -153,11 +154,11 @@ class Evaluator:
         re-noising x̂₀ with fresh ε at each anchor) or ``euler`` ("Ours (Euler)", x ← x + (σ_{k+1} − σ_k)·v)."""
         from senseflow.method.sampling import sample_euler, sample_stochastic
 
-        anchors = self._anchors(self.spec.student_steps)
+        anchors = self.anchors(self.spec.student_steps)
         if sampler == "stochastic":
-            return self._run(lambda c, x, g: sample_stochastic(self.family, student, c, anchors, g, latents=x))
+            return self.sample_set(lambda c, x, g: sample_stochastic(self.family, student, c, anchors, g, latents=x))
         if sampler == "euler":
-            return self._run(lambda c, x, g: sample_euler(self.family, student, c, anchors, latents=x))
+            return self.sample_set(lambda c, x, g: sample_euler(self.family, student, c, anchors, latents=x))
         raise ValueError(f"student sampler {sampler!r} is not one of {', '.join(STUDENT_SAMPLERS)}")
 
     def load_student(self, weights: str | Path) -> nn.Module:

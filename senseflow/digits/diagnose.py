@@ -17,7 +17,9 @@ to it::
     e_1(σ)  = mean ‖v_T^1(x_σ, σ) − v_T^s(x_σ, σ)‖²   (the teacher without guidance = the student's initialisation)
 
 e_G < e_1 means the student has baked part of the guidance in at σ; e_G > e_1 means it moved away from the guided
-teacher there.
+teacher there. This matters between the anchors too: ISG's target (METHOD.md §8.1) is
+x + (σ_m − σ_k)·v_T^s + (σ_{k+1} − σ_m)·v_G(x_m, σ_m), whose L2 minimiser in v_θ is the mix
+a·v_T^s + (1 − a)·v_G(σ_m) with a = (σ_k − σ_m)/(σ_k − σ_{k+1}); no loss trains G at σ_m itself.
 
 **The supervised bound.** G (initialised from the teacher, like the distilled student) regressed directly onto the
 guided teacher's velocity at the anchors, on states of the teacher's own guided Euler trajectory::
@@ -27,22 +29,18 @@ guided teacher's velocity at the anchors, on states of the teacher's own guided 
 with AdamW, a cosine decay to 0 and gradient clipping at 1. Its 4-step Euler sampler converges to the teacher's
 4-step Euler *from above* (at L = 0 the two are the same function), so its FD-T after n steps bounds from below
 what baking the guidance in costs at a budget of n generator steps; beating the teacher's 4-step Euler needs a
-target better than the guided teacher's own one-step velocity. This matters between the anchors too: ISG's target (METHOD.md §8.1) is
-x + (σ_m − σ_k)·v_T^s + (σ_{k+1} − σ_m)·v_G(x_m, σ_m), whose L2 minimiser in v_θ is the mix
-a·v_T^s + (1 − a)·v_G(σ_m) with a = (σ_k − σ_m)/(σ_k − σ_{k+1}); no loss trains G at σ_m itself.
+target better than the guided teacher's own one-step velocity.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
-
-import math
 
 import torch
 from torch import Tensor, nn
 
 from senseflow.digits.benchmark import Evaluator
-from senseflow.method.sampling import flow_anchor_grid
 
 __all__ = ["VelocityError", "handover_sample", "handover_fdt", "velocity_errors", "guided_regression",
            "diagnosis_markdown"]
@@ -60,7 +58,7 @@ class VelocityError:
 @torch.no_grad()
 def handover_sample(ev: Evaluator, student: nn.Module, teacher_steps: int, cond, latents: Tensor) -> Tensor:
     """Euler on the student's anchors: the guided teacher for the first ``teacher_steps`` steps, then the student."""
-    anchors = ev._anchors(ev.spec.student_steps)
+    anchors = ev.anchors(ev.spec.student_steps)
     k_total = anchors.numel()
     if not 0 <= teacher_steps <= k_total:
         raise ValueError(f"teacher_steps must be in 0..{k_total}, got {teacher_steps}")
@@ -84,7 +82,7 @@ def handover_fdt(ev: Evaluator, student: nn.Module) -> list[tuple[int, float]]:
     reference = ev.build_reference()
     out = []
     for j in range(ev.spec.student_steps + 1):
-        images, _ = ev._run(lambda c, x, g, j=j: handover_sample(ev, student, j, c, x))
+        images, _ = ev.sample_set(lambda c, x, g, j=j: handover_sample(ev, student, j, c, x))
         out.append((j, fd_between(images, reference)))
     return out
 
@@ -98,7 +96,7 @@ def velocity_errors(ev: Evaluator, student: nn.Module, sigmas: Sequence[float], 
     fam, sch, s = ev.family, ev.schedule, ev.spec.teacher_guidance
     n = len(ev.digits) if batch is None else min(int(batch), len(ev.digits))
     cond, x = ev.cond.index(slice(0, n)), ev.noise[:n].clone()
-    grid = sch.anchors_from_grid(flow_anchor_grid(trajectory_steps))
+    grid = ev.anchors(trajectory_steps)
     wanted = {int(torch.argmin((grid - float(sig)).abs())) for sig in sigmas}
     out = []
     for k in range(grid.numel()):
@@ -124,13 +122,13 @@ def guided_regression(ev: Evaluator, steps: int, lr: float, batch_size: int, see
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"guided_regression: steps, batch_size ≥ 1 and lr > 0 expected, got {steps}, {batch_size}, {lr}")
     fam, sch, s = ev.family, ev.schedule, ev.spec.teacher_guidance
-    anchors = ev._anchors(ev.spec.student_steps)
+    anchors = ev.anchors(ev.spec.student_steps)
     student = fam.build_student(ev.teacher).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
     prompts = fam.encode_prompts([caption(d, ev.spec.template) for d in range(10)])
     gen = torch.Generator().manual_seed(int(seed))
     shape = (batch_size, *ev.noise.shape[1:])
-    curve = []
+    curve, scored = [], set(eval_at)
     for step in range(1, steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
@@ -148,7 +146,7 @@ def guided_regression(ev: Evaluator, steps: int, lr: float, batch_size: int, see
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
         opt.step()
-        if step in set(eval_at):
+        if step in scored:
             student.eval()
             images, _ = ev.student_images(student, "euler")
             curve.append((step, fd_between(images, ev.build_reference())))
