@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate images with a SenseFlow-FLUX.1-dev student (METHOD.md §16); all logic lives in :mod:`senseflow.inference`.
+"""Generate images with a SenseFlow-FLUX.1-dev student (docs/method.md §16); all logic is in :mod:`senseflow.inference`.
 
 Example::
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate images with a SenseFlow-SD3.5-Large student (METHOD.md §16); all logic lives in :mod:`senseflow.inference`.
+"""Generate images with a SenseFlow-SD3.5-Large student (docs/method.md §16); logic: :mod:`senseflow.inference`.
 
 Example::
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate images with a DMD2-SDXL student (METHOD.md §16); all logic lives in :mod:`senseflow.inference`.
+"""Generate images with a DMD2-SDXL student (docs/method.md §16); all logic lives in :mod:`senseflow.inference`.
 
 Example::
 

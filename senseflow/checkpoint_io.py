@@ -1,6 +1,6 @@
 """Loading a distilled student G_θ from any of the forms a user may hold, safely and with clear errors.
 
-Accepted forms of ``checkpoint`` (METHOD.md §15-§16):
+Accepted forms of ``checkpoint`` (docs/method.md §15-§16):
 
 * a ``.pth`` / ``.pt`` / ``.bin`` file read with ``torch.load(weights_only=True)``: either ``{"model": state_dict}``
   (the authors' ``ckpt_model_N.pth``) or a bare state dict;
@@ -142,7 +142,10 @@ def denoiser_class(config: Mapping[str, Any], fallback: str | None = None) -> ty
 
 
 def student_config(base_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A copy of ``base_config`` with ``overrides`` applied (FLUX: ``{"guidance_embeds": False}``, decision 4)."""
+    """A copy of ``base_config`` with ``overrides`` applied.
+
+    FLUX: ``{"guidance_embeds": False}`` (docs/method.md, decision 4).
+    """
     cfg = dict(base_config)
     cfg.update(overrides or {})
     return cfg

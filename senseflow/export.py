@@ -1,4 +1,4 @@
-"""Export a distilled student as a complete diffusers folder that the stock pipeline loads (METHOD.md §16, §20.6).
+"""Export a distilled student as a complete diffusers folder for the stock pipeline (docs/method.md §16, §20.6).
 
 ``senseflow export --teacher DIR --checkpoint CKPT --family {sdxl,sd3,flux} --out DIR [--steps 4]`` writes
 
@@ -127,9 +127,9 @@ image.save("fox.png")
 
 {notes}
 
-This call runs the deterministic Euler sampler ("Ours (Euler)", METHOD.md §16.3). The stochastic sampler
-("Ours") re-noises between steps: run the SenseFlow inference script with this folder as both the teacher folder
-and `--checkpoint` (its default `--sampler` is `stochastic`).
+This call runs the deterministic Euler sampler ("Ours (Euler)", SenseFlow's docs/method.md §16.3). The stochastic
+sampler ("Ours") re-noises between steps: run the SenseFlow inference script with this folder as both the teacher
+folder and `--checkpoint` (its default `--sampler` is `stochastic`).
 """
 
 

@@ -1,4 +1,4 @@
-"""Few-step text-to-image inference with a distilled student (METHOD.md §16); shared by every ``scripts_*/`` script.
+"""Few-step text-to-image inference with a distilled student (docs/method.md §16), shared by ``scripts_*/``.
 
 Each script is a thin wrapper: it picks an :class:`InferenceSpec` (family, flag names, allowed step counts) and calls
 :func:`main`. A run
@@ -62,7 +62,7 @@ __all__ = [
     "main",
 ]
 
-#: the few-step samplers of METHOD.md §16.3
+#: the few-step samplers of docs/method.md §16.3
 SAMPLERS: tuple[str, ...] = ("stochastic", "euler")
 #: the prompts file shipped at the repository root (used when the default name is not in the working directory)
 DEFAULT_PROMPTS = "senseflow_test_prompts.txt"
@@ -95,7 +95,7 @@ class InferenceSpec:
 
     ``teacher_flag`` / ``config_flag`` are the authors' flag names (README: ``--flux_ckpt`` + ``--dit_config``,
     ``--sdxl_ckpt`` + ``--unet_config``, ``--sd35_ckpt`` + ``--transformer_config``). ``student_overrides`` are
-    applied to the student config (FLUX: ``guidance_embeds=False``, decision 4) and checkpoint keys under
+    applied to the student config (FLUX: ``guidance_embeds=False``, docs/method.md decision 4) and checkpoint keys under
     ``ignore_prefixes`` are dropped (FLUX.1-dev's guidance embedder, §3.6).
     """
 

@@ -5,9 +5,9 @@ of the teacher folder when it exists, else the public config shipped in ``sensef
 parameter counts are the real tensors' ``numel`` and cost no memory. Bytes per GPU, with W the FSDP shard degree
 (W = N·M GPUs, or N with ``dist.hsdp``) and ⌈·⌉ the per-tensor dim-0 shard of FSDP2:
 
-* **parameters**: trained nets (G, F: fp32 master weights, decision 2) and the frozen teacher T (``teacher.dtype``)
-  hold Σ_tensors ⌈n/W⌉·bytes; replicated nets (VAE, text encoders, DINOv2, D's CLIP text model, D heads) hold
-  Σ n·bytes. Buffers (e.g. SD3's positional table) are never sharded.
+* **parameters**: trained nets (G, F: fp32 master weights, docs/method.md decision 2) and the frozen teacher T
+  (``teacher.dtype``) hold Σ_tensors ⌈n/W⌉·bytes; replicated nets (VAE, text encoders, DINOv2, D's CLIP text model,
+  D heads) hold Σ n·bytes. Buffers (e.g. SD3's positional table) are never sharded.
 * **gradients**: fp32, same placement as the trained parameters. The trainer frees them after each player's step
   (``zero_grad(set_to_none=True)``), so only the player being updated holds gradients (see *phases* below).
 * **optimiser states**: AdamW: exp_avg + exp_avg_sq in fp32, 8 B/element (+4 B ``step`` per tensor, on the host);
@@ -618,12 +618,12 @@ def _discriminator(cfg: Any, dino: nn.Module, c_dim: int) -> tuple[nn.Module | N
                                     virtual_batch=d.virtual_batch, augment_policy=tuple(d.diffaug),
                                     translation_ratio=d.translation_ratio, cutout_ratio=d.cutout_ratio,
                                     resize_to=d.resolution), ""
-    except Exception as exc:  # fall back to the analytic head count of METHOD.md §9.1
+    except Exception as exc:  # fall back to the analytic head count of docs/method.md §9.1
         return None, f"discriminator heads counted analytically (VFMDiscriminator could not be built: {exc})"
 
 
 def analytic_head_params(channels: int, c_dim: int, cmap_dim: int, downsample: int, kernel: int = 3) -> int:
-    """Trainable parameters of one D head (METHOD.md §9.1): main and refmapper stacks (1×1 block, ``downsample``
+    """Trainable parameters of one D head (docs/method.md §9.1): main and refmapper stacks (1×1 block, ``downsample``
     stride-2 3×3 convs, ``downsample``−1 residual k×k blocks, BatchNormLocal affines), cls and refmapper 1×1
     projections to cmap_dim, and the equalised linear c_dim → cmap_dim."""
     conv = lambda k, cin, cout: k * k * cin * cout + cout  # noqa: E731
@@ -653,7 +653,7 @@ def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded:
     """(teacher arch name, its config, the run's networks on meta, the meta VFMDiscriminator or None, notes)."""
     family = cfg.teacher.family
     arch, den_cfg = _resolve_denoiser(cfg, denoiser)
-    student_cfg = dict(den_cfg, guidance_embeds=False) if family == "flux" else den_cfg  # decision 4
+    student_cfg = dict(den_cfg, guidance_embeds=False) if family == "flux" else den_cfg  # docs/method.md decision 4
     units, notes = _FSDP_UNITS[family], []
     nets = [
         _Net("generator", "generator G", arch, build_meta(student_cfg), True, "float32", fsdp, units),
@@ -683,7 +683,7 @@ def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded:
         if disc is not None:
             heads: nn.Module = disc.heads
             label = f"D heads ×{len(disc.heads)}"
-        else:  # one flat meta tensor of the analytic size (METHOD.md §9.1)
+        else:  # one flat meta tensor of the analytic size (docs/method.md §9.1)
             notes.append(why)
             n_heads = len(d.hooks) + int(d.hook_patch)
             per_head = analytic_head_params(dino.config.hidden_size, c_dim, d.cmap_dim, d.downsample, d.kernel_size)

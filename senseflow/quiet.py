@@ -1,7 +1,7 @@
 """Keep library chatter out of the console so that our progress bar and one-line errors stay readable.
 
 * transformers logs, at import, that image processors fall back to PIL because torchvision is absent (the project
-  never installs torchvision, CPU_FEASIBILITY.md §0); that notice is not about the user's input and is dropped.
+  never installs torchvision, docs/evaluation.md); that notice is not about the user's input and is dropped.
 * :func:`quiet_libraries` turns off the per-file "Loading weights" / "Writing model shards" bars and lowers
   diffusers' and transformers' loggers to errors (warnings such as dtype-cast notes stay out of the run's log).
 """

@@ -43,7 +43,7 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
 
 @pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny DINOv2 and CLIP-text folders for the VFM discriminator (decision 5)."""
+    """Tiny DINOv2 and CLIP-text folders for the VFM discriminator (docs/method.md, decision 5)."""
     from senseflow.tiny import build_tiny_discriminator_backbones
 
     return build_tiny_discriminator_backbones(tmp_path_factory.mktemp("tiny_backbones") / "backbones", seed=0)

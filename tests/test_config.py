@@ -1,4 +1,4 @@
-"""The config system: presets equal METHOD.md, bad configs fail early with one-line messages naming key and file."""
+"""The config system: presets equal docs/method.md; bad configs fail early with one-line messages naming key, file."""
 from __future__ import annotations
 
 import dataclasses
@@ -83,7 +83,7 @@ def test_every_preset_spells_out_every_schema_key(name):
     assert sorted(leaves(raw)) == sorted(schema_keys())
 
 
-# METHOD.md values per preset (§2, §3, §5-§10, §11.1, §12, §14.3).
+# docs/method.md values per preset (§2, §3, §5-§10, §11.1, §12, §14.3).
 COMMON = {
     "experiment.seed": 71801,
     "teacher.resolution": 1024,
@@ -251,7 +251,7 @@ EXPECTED = {
 def test_preset_values_equal_method_md(name):
     cfg = load_config(PRESETS[name])
     wrong = {k: (get(cfg, k), v) for k, v in EXPECTED[name].items() if get(cfg, k) != v}
-    assert not wrong, f"{name}: key -> (preset, METHOD.md): {wrong}"
+    assert not wrong, f"{name}: key -> (preset, docs/method.md): {wrong}"
 
 
 def test_sd35_preset_sections_build_the_reference_schedule_and_samplers():

@@ -1,4 +1,4 @@
-"""Image policy of METHOD.md §13.1: RGB conversion, shorter side → R, centre / random crop, [−1, 1], (h, w), (top, left)."""
+"""Image policy of docs/method.md §13.1: RGB, shorter side → R, centre/random crop, [−1, 1], (h, w), (top, left)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""JSON (§13.1) and JSON Lines image-caption sets: what a sample holds, path resolution, equivalence of the formats."""
+"""JSON (docs/method.md §13.1) and JSON Lines image-caption sets: what a sample holds, path resolution, equivalence
+of the formats."""
 from __future__ import annotations
 
 import json

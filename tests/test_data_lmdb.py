@@ -1,4 +1,5 @@
-"""Latent LMDB (§13.2): build with a tiny VAE, read back exactly, resume after an interruption, refuse to overwrite."""
+"""Latent LMDB (docs/method.md §13.2): build with a tiny VAE, read back exactly, resume after an interruption,
+refuse to overwrite."""
 from __future__ import annotations
 
 import pickle

@@ -1,4 +1,5 @@
-"""Loaders (§13.3 fixed): global-rank sharding, per-epoch reshuffle, exact resume, bad-sample replacement and cap."""
+"""Loaders (docs/method.md §13.3, fixed): global-rank sharding, per-epoch reshuffle, exact resume, bad-sample
+replacement and cap."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""VFM discriminator (METHOD.md §9): DiffAugment, BatchNormLocal, heads, the frozen DINOv2 backbone, CLIP text."""
+"""VFM discriminator (docs/method.md §9): DiffAugment, BatchNormLocal, heads, the frozen DINOv2 backbone, CLIP text."""
 from __future__ import annotations
 
 import os

@@ -3,7 +3,7 @@
 The promise: ``<Pipeline>.from_pretrained(out)`` called as the exported README says (FLUX: default scheduler,
 ``num_inference_steps=4``; SD3.5: ``sigmas=[1, .75, .5, .25]``, ``guidance_scale=1``, ``max_sequence_length=77``;
 SDXL: ``timesteps=[999, 749, 499, 249]``, ``guidance_scale=0``) produces the latents of our Euler sampler
-(METHOD.md §16.3) from the same initial noise. Also: a non-empty ``--out`` is refused, the write is atomic, and
+(docs/method.md §16.3) from the same initial noise. Also: a non-empty ``--out`` is refused, the write is atomic, and
 bad input is one line with exit code 2.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_stock_pipeline_on_the_export_reproduces_our_euler_sampler(family_name, 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_pipeline_arguments_give_the_training_anchors(tiny_teacher, tmp_path):
-    """The exported schedulers with the README's arguments step through our anchors (METHOD.md §4.1, §16.3)."""
+    """The exported schedulers with the README's arguments step through our anchors (docs/method.md §4.1, §16.3)."""
     from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 

@@ -1,4 +1,5 @@
-"""Teacher families on tiny teachers: loading, §12 prompt encodings, predictions, guidance, students, VAE."""
+"""Teacher families on tiny teachers: loading, docs/method.md §12 prompt encodings, predictions, guidance, students,
+VAE."""
 from __future__ import annotations
 
 import shutil

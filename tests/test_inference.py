@@ -1,4 +1,4 @@
-"""Inference scripts and student loading (METHOD.md §16; senseflow/inference.py, senseflow/checkpoint_io.py).
+"""Inference scripts and student loading (docs/method.md §16; senseflow/inference.py, senseflow/checkpoint_io.py).
 
 What a user relies on:
 

@@ -1,7 +1,8 @@
 """LR multiplier m(n) of every player (senseflow.trainer.optim.warmup_lambda), stepped once per iteration.
 
-Presets keep the reference's constant LR (§3.7, decay none); ``optimizer.decay=cosine`` is our option for short runs
-such as the digits demo: m falls from 1 to ``lr_end_factor`` over ``decay_steps`` iterations after the warm-up.
+Presets keep the reference's constant LR (docs/method.md §3.7, decay none); ``optimizer.decay=cosine`` is our option
+for short runs such as the digits demo: m falls from 1 to ``lr_end_factor`` over ``decay_steps`` iterations after
+the warm-up.
 """
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def test_shipped_architectures_build_on_meta_with_the_public_parameter_counts():
 def test_discriminator_head_count_matches_the_method_and_the_real_module():
     from senseflow.models.discriminator import DiscriminatorHead
 
-    # METHOD.md §9.1: ≈96.7 M trainable parameters per head at c = 1024, ≈773 M for the 8 heads
+    # docs/method.md §9.1: ≈96.7 M trainable parameters per head at c = 1024, ≈773 M for the 8 heads
     assert analytic_head_params(1024, 768, 64, 3) == 96_673_984
     assert 8 * analytic_head_params(1024, 768, 64, 3) == pytest.approx(773e6, rel=1e-3)
     small = DiscriminatorHead(channels=32, c_dim=16, cmap_dim=8, downsample=3, virtual_batch=8)

@@ -1,4 +1,4 @@
-"""DMD (METHOD.md §5), the fake-score loss (§6) and guidance scales."""
+"""DMD (docs/method.md §5), the fake-score loss (§6) and guidance scales."""
 from __future__ import annotations
 
 import pytest

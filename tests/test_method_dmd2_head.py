@@ -1,4 +1,4 @@
-"""DMD2 baseline classifier on the fake UNet's bottleneck (METHOD.md §11), on a tiny diffusers SDXL UNet."""
+"""DMD2 baseline classifier on the fake UNet's bottleneck (docs/method.md §11), on a tiny diffusers SDXL UNet."""
 from __future__ import annotations
 
 import os

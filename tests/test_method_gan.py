@@ -1,4 +1,4 @@
-"""Hinge losses and the per-anchor GAN time weights of METHOD.md §9.3 and §10."""
+"""Hinge losses and the per-anchor GAN time weights of docs/method.md §9.3 and §10."""
 from __future__ import annotations
 
 import pytest

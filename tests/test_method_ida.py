@@ -1,4 +1,4 @@
-"""IDA (METHOD.md §7): φ ← λφ + (1 − λ)θ by parameter name, atomic on error, on plain tensors and DTensors."""
+"""IDA (docs/method.md §7): φ ← λφ + (1 − λ)θ by parameter name, atomic on error, plain tensors and DTensors."""
 from __future__ import annotations
 
 import copy

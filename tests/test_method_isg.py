@@ -1,4 +1,4 @@
-"""ISG (METHOD.md §8): mid-point ranges, the two-step target by hand, and SDXL's reference reduction."""
+"""ISG (docs/method.md §8): mid-point ranges, the two-step target by hand, and SDXL's reference reduction."""
 from __future__ import annotations
 
 import pytest

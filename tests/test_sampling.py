@@ -1,4 +1,4 @@
-"""Few-step samplers: METHOD.md §4.1 anchors, equality with the stock diffusers pipelines, determinism,
+"""Few-step samplers: docs/method.md §4.1 anchors, equality with the stock diffusers pipelines, determinism,
 backward simulation.
 
 The stock-pipeline calls that reproduce ``sample_euler`` with K = 4 (documented in the README):
@@ -131,7 +131,7 @@ def test_flux_student_euler_equals_pipeline(tiny_teacher, tmp_path):
 
     fam = _family(tiny_teacher, "flux")
     student = fam.build_student(fam.load_denoiser()).eval()
-    student.save_pretrained(tmp_path / "student")  # an exported no-guidance transformer (decision 4)
+    student.save_pretrained(tmp_path / "student")  # an exported no-guidance transformer (docs/method.md decision 4)
     reloaded = FluxTransformer2DModel.from_pretrained(tmp_path / "student", local_files_only=True)
     assert reloaded.config.guidance_embeds is False
     pipe = FluxPipeline.from_pretrained(tiny_teacher("flux"), transformer=reloaded, local_files_only=True)

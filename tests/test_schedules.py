@@ -1,4 +1,4 @@
-"""Schedules against numbers computed by hand (METHOD.md §1.1, §4.1, §5, §6)."""
+"""Schedules against numbers computed by hand (docs/method.md §1.1, §4.1, §5, §6)."""
 import math
 
 import pytest
@@ -108,7 +108,7 @@ def test_uniform_sampler_range_and_sd35_shifted_sigma():
     idx = sampler.sample_index(10_000, 1000, g)
     assert idx.min().item() == 20 and idx.max().item() == 980
     sigma = TimestepSampler(kind="uniform", low=20, high=980, apply_shift=True).sample(sd3(), 10_000, g)
-    # σ = s3((i+1)/1000) ∈ [s3(.021), s3(.981)] = [0.0605, 0.9936] (METHOD.md §5)
+    # σ = s3((i+1)/1000) ∈ [s3(.021), s3(.981)] = [0.0605, 0.9936] (docs/method.md §5)
     assert sigma.min().item() == pytest.approx(static_shift(0.021, 3.0), abs=1e-6)
     assert sigma.max().item() == pytest.approx(static_shift(0.981, 3.0), abs=1e-6)
 

@@ -21,7 +21,7 @@ from senseflow.trainer import TRAINERS, get_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER_NAMES = sorted(TRAINERS)
-#: GD of each preset (METHOD.md §2): the tiny configs run 2·GD iterations
+#: GD of each preset (docs/method.md §2): the tiny configs run 2·GD iterations
 GD = {"sdxl_senseflow": 5, "sdxl_dmd2": 5, "sd35_senseflow": 10, "sd35_large_senseflow": 5, "flux_senseflow": 5}
 
 

@@ -2,10 +2,10 @@
 """Loader throughput: median samples/s over several passes of ``build_dataloader`` on generated PNGs.
 
 For each training resolution R it writes ``--num-images`` PNGs of size (⌈1.5·R⌉ × ⌈1.25·R⌉) (w × h; smooth colour
-fields plus noise, so they compress like photographs rather than like pure noise) and a §13.1 JSON into a
-temporary folder, then times whole epochs of the loader (decode → RGB → resize shorter side + centre crop → [−1, 1]
-→ collate). The first pass (worker start-up, cold page cache) is reported separately and excluded from the median.
-With ``--lmdb`` it also times a DMD2-layout LMDB of 4 × R/8 × R/8 float16 latents.
+fields plus noise, so they compress like photographs rather than like pure noise) and a JSON (docs/method.md §13.1)
+into a temporary folder, then times whole epochs of the loader (decode → RGB → resize shorter side + centre crop →
+[−1, 1] → collate). The first pass (worker start-up, cold page cache) is reported separately and excluded from the
+median. With ``--lmdb`` it also times a DMD2-layout LMDB of 4 × R/8 × R/8 float16 latents.
 
     python tools/bench_loader.py                       # 64 px and 1024 px, 2 workers
     python tools/bench_loader.py --sizes 512 --workers 4 --passes 7

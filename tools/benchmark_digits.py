@@ -4,7 +4,7 @@
     python tools/benchmark_digits.py --out docs/benchmarks/digits [--iterations 800] [--save-every 100]
 
 Writes <out>/results.md + results.json (prompt accuracy, FD, FD-T, NFE, ms/image; each student's final checkpoint
-with both samplers of METHOD.md §16.3, re-noising and "(Euler)"), <out>/fdt_curve.png (FD-T of every saved
+with both samplers of docs/method.md §16.3, re-noising and "(Euler)"), <out>/fdt_curve.png (FD-T of every saved
 checkpoint, re-noising sampler) and <out>/grids/*.png. Training runs go to <out>/work (deleted with --clean).
 """
 from __future__ import annotations
@@ -23,14 +23,14 @@ from senseflow.digits.benchmark import (STUDENT_SAMPLERS, EvalSpec, Evaluator, c
 from senseflow.digits.demo import DEFAULT_CONFIG, _free_port, prepare_assets, repo_root, train_command
 from senseflow.digits.teacher import default_teacher_path
 
-#: name → config overrides (METHOD.md: DMD2 = no IDA, no ISG, no GAN; SenseFlow = all three)
+#: name → config overrides (docs/method.md: DMD2 = no IDA, no ISG, no GAN; SenseFlow = all three)
 METHODS = {
     "DMD2 (no IDA, ISG, GAN)": ["method.ida.enabled=false", "method.isg.enabled=false", "method.gan.enabled=false"],
     "SenseFlow (IDA+ISG+GAN)": [],
     "SenseFlow w/o IDA": ["method.ida.enabled=false"],
     "SenseFlow w/o ISG": ["method.isg.enabled=false"],
-    # not the paper's ISG (METHOD.md §8.1 takes σ_m → σ_(k+1) with G): the guided teacher takes both moves, and DMD's
-    # teacher CFG is 3 instead of 4 (docs/benchmarks.md, fourth session: why each of the two changes)
+    # not the paper's ISG (docs/method.md §8.1 takes σ_m → σ_(k+1) with G): the guided teacher takes both moves; DMD's
+    # teacher CFG is 3 instead of 4 (docs/benchmarks.md, "Where the gap is": why each of the two)
     "SenseFlow ISG-teacher (ablation)": [
         "method.isg.midpoint_model=teacher", "method.dmd.guidance.min=3", "method.dmd.guidance.max=3"],
 }

@@ -1,4 +1,4 @@
-"""Data sets of METHOD.md §13: JSON / JSON Lines image-caption sets, DMD2-layout latent LMDBs, their builder and
+"""Data sets of docs/method.md §13: JSON / JSON Lines image-caption sets, DMD2-layout latent LMDBs, their builder and
 checker, resumable distributed loaders and optional latent / text-embedding caches."""
 from senseflow.data.cache import EmbeddingCache, LatentCache, TensorCache, source_fingerprint
 from senseflow.data.check import CheckReport, check_dataset, quick_check

@@ -1,4 +1,4 @@
-"""Build a DMD2-layout latent LMDB (METHOD.md §13.2) from a JSON / JSON Lines image-caption set with a teacher VAE.
+"""Build a DMD2-layout latent LMDB (docs/method.md §13.2) from a JSON / JSON Lines image-caption set and a teacher VAE.
 
 For record i with prepared pixels x_i ∈ [−1, 1]^{3×R×R} (:mod:`senseflow.data.images`, centre crop by default) the
 VAE posterior N(μ_i, σ_i²) = E(x_i) gives

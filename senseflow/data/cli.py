@@ -18,7 +18,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="senseflow data", description="Data set tools (METHOD.md §13).")
+    parser = argparse.ArgumentParser(prog="senseflow data", description="Data set tools (docs/method.md §13).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build-lmdb", help="encode images + captions into a DMD2-layout latent LMDB (resumable)")

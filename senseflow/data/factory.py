@@ -1,4 +1,7 @@
-"""Pick the data set class from the path: an LMDB folder/file → latents, ``.jsonl`` → JSON Lines, else §13.1 JSON."""
+"""Pick the data set class from the path: an LMDB folder/file → latents, ``.jsonl`` → JSON Lines, else JSON.
+
+The JSON layout is that of docs/method.md §13.1.
+"""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Image decoding and the resize/crop policy of METHOD.md §13.1 (PIL + torch only, no torchvision).
+"""Image decoding and the resize/crop policy of docs/method.md §13.1 (PIL + torch only, no torchvision).
 
 Policy for a target resolution R (square training images):
 
@@ -18,7 +18,7 @@ box = (left/s, top/s, (left + R)/s, (top + R)/s), and only that box is resampled
 huge intermediate image of an extreme aspect ratio (a 10 × 4000 image at R = 1024 would otherwise be 1024 × 409600).
 
 The returned ``original_size`` = (h, w) and ``crop_coords`` = (top, left) are what SDXL's time ids
-[orig_h, orig_w, crop_top, crop_left, R, R] expect (METHOD.md §12, §13.2).
+[orig_h, orig_w, crop_top, crop_left, R, R] expect (docs/method.md §12, §13.2).
 """
 from __future__ import annotations
 

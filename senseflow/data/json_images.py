@@ -1,4 +1,4 @@
-"""Image-caption data set over a §13.1 JSON or a JSON Lines file (SD3.5 / FLUX real data, METHOD.md §13.1, §13.4).
+"""Image-caption data set over a §13.1 JSON or a JSON Lines file (SD3.5 / FLUX real data; docs/method.md §13.1, §13.4).
 
 A sample is a dict (default-collatable):
 

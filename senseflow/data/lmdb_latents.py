@@ -1,4 +1,4 @@
-"""VAE-latent LMDB in DMD2's layout (SDXL real data, METHOD.md §13.2): reader and writer.
+"""VAE-latent LMDB in DMD2's layout (SDXL real data, docs/method.md §13.2): reader and writer.
 
 One LMDB environment (a folder holding ``data.mdb``, or a single file) with the keys
 

@@ -1,4 +1,4 @@
-"""Image-caption record lists: the JSON file of METHOD.md §13.1 and its JSON Lines variant for large sets.
+"""Image-caption record lists: the JSON file of docs/method.md §13.1 and its JSON Lines variant for large sets.
 
 JSON (one object, three lists of equal length N)::
 

@@ -1,4 +1,4 @@
-"""A distributed, reshuffled-per-epoch, resumable sampler (fixes METHOD.md §13.3 / §17.4: global rank, set_epoch).
+"""A distributed, reshuffled-per-epoch, resumable sampler (docs/method.md §13.3, §17.4: global rank, set_epoch).
 
 Epoch e of a data set of N samples is one permutation π_e of {0..N−1}, drawn from a CPU generator seeded
 mix_seed(seed, e) (identity when ``shuffle=False``); every rank computes the same π_e. With W ranks the epoch is

@@ -1,7 +1,7 @@
 """The embedded default: a tiny real SD3-family teacher of handwritten digits, its data and its metrics.
 
 * :mod:`.data` — scikit-learn's 8×8 digits as 32×32 RGB images with captions, a seeded split, JSON export
-  (METHOD.md §13.1) for the student's training set.
+  (docs/method.md §13.1) for the student's training set.
 * :mod:`.text` — locally trained CLIP / T5 tokenizers, tiny frozen text encoders, SD3 prompt encoding (§12).
 * :mod:`.teacher` — VAE + MMDiT flow-matching training; the result is a diffusers ``StableDiffusion3Pipeline``
   folder shipped at ``senseflow/assets/digits_teacher`` (load it with :func:`load_teacher`).

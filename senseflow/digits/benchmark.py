@@ -12,7 +12,7 @@ initial noises ε_j ~ N(0, I) (one ``torch.Generator`` seeded with ``seed``), th
   28-step FD-T is then the finite-sample noise floor;
 * NFE per image: network evaluations (CFG counts 2 per step) and the measured wall time per image.
 
-Samplers (METHOD.md §16.3): the teacher uses the deterministic Euler ODE sampler on the shifted grid
+Samplers (docs/method.md §16.3): the teacher uses the deterministic Euler ODE sampler on the shifted grid
 σ = s₃(1 − k/K) with CFG u + s·(c − u); the student uses, without guidance, on its anchors
 σ_k = s₃(1 − k/4) = 1, .9, .75, .5, either the 4-step re-noising sampler ("Ours") or the 4-step Euler ODE
 sampler ("Ours (Euler)"); the paper's Table 1 reports both.
@@ -41,7 +41,7 @@ __all__ = [
     "recorded_guidance",
 ]
 
-#: the student's samplers of METHOD.md §16.3 and the suffix of their result rows ("Ours" / "Ours (Euler)")
+#: the student's samplers of docs/method.md §16.3 and the suffix of their result rows ("Ours" / "Ours (Euler)")
 STUDENT_SAMPLERS: dict[str, str] = {"stochastic": "", "euler": " (Euler)"}
 
 
@@ -150,7 +150,7 @@ class Evaluator:
         return self.reference
 
     def student_images(self, student: nn.Module, sampler: str = "stochastic") -> tuple[Tensor, float]:
-        """Student 4-step sampler without guidance (1 NFE per step), METHOD.md §16.3: ``stochastic`` ("Ours",
+        """Student 4-step sampler without guidance (1 NFE per step), docs/method.md §16.3: ``stochastic`` ("Ours",
         re-noising x̂₀ with fresh ε at each anchor) or ``euler`` ("Ours (Euler)", x ← x + (σ_{k+1} − σ_k)·v)."""
         from senseflow.method.sampling import sample_euler, sample_stochastic
 

@@ -7,7 +7,7 @@ ink values in 0..16 and labels 0..9. Here each image is scaled to [0, 1] (value 
 (``"a handwritten digit seven"``, ``"the number 7 handwritten"``, ...), chosen by a seeded generator.
 
 A fixed train / held-out split is drawn from a seeded permutation. :func:`export_json_dataset` writes the set in
-the JSON image–caption format of METHOD.md §13.1 (PNG files, image paths relative to the JSON's folder).
+the JSON image–caption format of docs/method.md §13.1 (PNG files, image paths relative to the JSON's folder).
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def export_json_dataset(
     image_dir: str = "images",
 ) -> Path:
     """Write every image as ``<folder>/<image_dir>/<key>.png`` and ``<folder>/<json_name>`` holding
-    ``{"keys": [...], "image_paths": [...], "prompts": [...]}`` (METHOD.md §13.1). Image paths are relative to
+    ``{"keys": [...], "image_paths": [...], "prompts": [...]}`` (docs/method.md §13.1). Image paths are relative to
     the JSON's folder. Returns the JSON path."""
     data = load_digits_data(config)
     folder = Path(folder)

@@ -2,7 +2,7 @@
 
 Steps (every path under ``--out``):
 
-1. ``data/dataset.json`` — the digits as a §13.1 JSON image-caption set (:func:`export_json_dataset`);
+1. ``data/dataset.json`` — the digits as a docs/method.md §13.1 JSON image-caption set (:func:`export_json_dataset`);
 2. ``backbones/`` — tiny random DINOv2 + CLIP-text folders for the VFM discriminator (``senseflow tiny``);
 3. ``run/`` — SenseFlow training through the same launcher and SD3.5 trainer as a real run:
    ``sh exp_sd35/train_SD35_senseflow.sh 1 1 configs/SD35/digits_senseflow.yaml <out>/run key=value…``;

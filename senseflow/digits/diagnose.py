@@ -17,7 +17,7 @@ to it::
     e_1(σ)  = mean ‖v_T^1(x_σ, σ) − v_T^s(x_σ, σ)‖²   (the teacher without guidance = the student's initialisation)
 
 e_G < e_1 means the student has baked part of the guidance in at σ; e_G > e_1 means it moved away from the guided
-teacher there. This matters between the anchors too: ISG's target (METHOD.md §8.1) is
+teacher there. This matters between the anchors too: ISG's target (docs/method.md §8.1) is
 x + (σ_m − σ_k)·v_T^s + (σ_{k+1} − σ_m)·v_G(x_m, σ_m), whose L2 minimiser in v_θ is the mix
 a·v_T^s + (1 − a)·v_G(σ_m) with a = (σ_k − σ_m)/(σ_k − σ_{k+1}); no loss trains G at σ_m itself.
 

@@ -4,7 +4,7 @@
 * **Fréchet distance** between Gaussians N(μ₁, Σ₁) and N(μ₂, Σ₂) fitted to classifier features f(x):
       FD = ‖μ₁ − μ₂‖² + tr(Σ₁) + tr(Σ₂) − 2·tr((Σ₁Σ₂)^{1/2})
   computed in float64 by :func:`senseflow.eval.frechet.frechet_distance`. **FD** compares samples with real digits; **FD-T** compares
-  them with a reference set of samples (e.g. the teacher's), the digit analogue of METHOD.md §19's FID-T.
+  them with a reference set of samples (e.g. the teacher's), the digit analogue of docs/method.md §19's FID-T.
 """
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ __all__ = [
 
 #: File written next to the diffusers components with the training config and measurements.
 TEACHER_RECORD = "senseflow_digits_teacher.json"
-#: SD3 transformers take 1000·σ as their timestep argument (METHOD.md §1.1).
+#: SD3 transformers take 1000·σ as their timestep argument (docs/method.md §1.1).
 SD3_TIMESTEP_SCALE = 1000.0
 
 

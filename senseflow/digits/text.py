@@ -1,5 +1,5 @@
 """Tiny SD3-style text stack for the digits teacher: locally trained tokenizers, tiny text encoders, and the
-prompt encoding of METHOD.md §12 (SD3.5).
+prompt encoding of docs/method.md §12 (SD3.5).
 
 * CLIP-L and CLIP-G: ``CLIPTextModelWithProjection`` (no dropout) with a byte-level BPE tokenizer trained by ``tokenizers`` on
   the caption corpus and wrapped as ``transformers.CLIPTokenizer`` (77 tokens, bos/eos/pad like CLIP).

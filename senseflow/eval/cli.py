@@ -168,7 +168,7 @@ def _build_tiny_models(argv: Sequence[str]) -> int:
 def _run(argv: Sequence[str]) -> int:
     from senseflow.eval.config import load_eval_config, to_yaml
 
-    p = _Parser(prog=PROG, description="Evaluate a distilled student (METHOD.md §19): generation + metrics.")
+    p = _Parser(prog=PROG, description="Evaluate a distilled student (docs/method.md §19): generation + metrics.")
     p.add_argument("--config", "--config_path", dest="config", help="eval YAML (configs/eval/*.yaml)")
     p.add_argument("--limit", type=int, default=None, help="generate at most N new images per folder, then stop")
     p.add_argument("--generate-only", action="store_true", help="generate the images, compute no metric")

@@ -1,4 +1,4 @@
-"""CLIP-embedding scores of image–prompt pairs: CLIP score, HPSv2 and PickScore (METHOD.md §19 columns).
+"""CLIP-embedding scores of image–prompt pairs: CLIP score, HPSv2 and PickScore (docs/method.md §19 columns).
 
 All three are a ``transformers.CLIPModel`` read from a local folder. With unit embeddings
 î = P_v(f_v(x)) / ‖·‖ and t̂ = P_t(f_t(c)) / ‖·‖ (image tower f_v with projection P_v, text tower f_t with P_t):

@@ -14,7 +14,7 @@ __all__ = ["PromptsConfig", "StudentGenConfig", "ReferenceGenConfig", "Generatio
            "FIDConfig", "PatchFIDConfig", "CLIPMetricConfig", "ImageRewardConfig", "DigitsMetricConfig",
            "MetricsConfig", "TableConfig", "EvalConfig", "load_eval_config", "to_yaml", "TABLE_BLOCKS"]
 
-#: blocks of the paper's Table 1 (METHOD.md §19.1)
+#: blocks of the paper's Table 1 (docs/method.md §19.1)
 TABLE_BLOCKS: tuple[str, ...] = ("sdxl", "sd35", "flux")
 
 

@@ -1,4 +1,4 @@
-"""FID-T and patch FID-T (METHOD.md §19: FID of the student's samples against the teacher's samples).
+"""FID-T and patch FID-T (docs/method.md §19: FID of the student's samples against the teacher's samples).
 
 * **FID-T**: each image (any size) → x ∈ [0, 1] → bilinear resize to 299×299 → Inception pool3 features f ∈ R^2048;
   FD between the Gaussians of the two feature sets (:func:`senseflow.eval.frechet.frechet_distance`).

@@ -1,7 +1,7 @@
 """Fréchet distance between Gaussians fitted to features, and streaming feature statistics.
 
-For feature sets A and B with means μ_A, μ_B and covariances Σ_A, Σ_B (METHOD.md §19: FID-T compares the student's
-samples with the teacher's samples, patch FID-T the same on fixed crops):
+For feature sets A and B with means μ_A, μ_B and covariances Σ_A, Σ_B (docs/method.md §19: FID-T compares the
+student's samples with the teacher's samples, patch FID-T the same on fixed crops):
 
     FD = ‖μ_A − μ_B‖² + tr(Σ_A) + tr(Σ_B) − 2·tr((Σ_A Σ_B)^{1/2})
 

@@ -7,7 +7,7 @@ after a kill continues with the missing prompts only. Each folder holds ``genera
 its images and a digest of the prompt list; a rerun with other settings or other prompts into the same folder is
 refused (images of two settings never mix, and image i always belongs to prompt i).
 
-* **Student** (METHOD.md §16.3): the code path of :mod:`senseflow.inference` (same checks through
+* **Student** (docs/method.md §16.3): the code path of :mod:`senseflow.inference` (same checks through
   :func:`senseflow.inference.prepare`, same runtime, same samplers). Prompt i draws its initial noise and its
   re-noising noise from ``prompt_generator(seed, i)`` = ``torch.Generator().manual_seed(seed + i)``, so an image
   depends on (seed, i) only, not on the batch composition, and a resumed run yields the images an uninterrupted

@@ -2,9 +2,9 @@
 
 Why our own module: every maintained FID package on PyPI (pytorch-fid, torch-fidelity, clean-fid, and
 torchmetrics' FID through torch-fidelity) requires torchvision, which this project cannot install
-(docs/evaluation.md, CPU_FEASIBILITY.md §0). The network is small and fully specified, so it is written here from
-the Inception-v3 architecture (Szegedy et al., 2016) with the three changes of the TensorFlow graph that FID
-was defined on (Heusel et al., 2017):
+(docs/evaluation.md: no torchvision wheel works with its CPU torch). The network is small and fully specified,
+so it is written here from the Inception-v3 architecture (Szegedy et al., 2016) with the three changes of the
+TensorFlow graph that FID was defined on (Heusel et al., 2017):
 
 * the average pools inside the A, C and first E blocks exclude padding from the mean;
 * the pooling branch of the last E block (``Mixed_7c``) is a max pool;

@@ -4,7 +4,7 @@ A metric is ``ok`` (a value), ``skipped`` (disabled, its model not configured or
 missing, e.g. no reference images for FID-T; the message says which) or ``error`` (its model exists but failed).
 A skipped metric is never estimated, and one metric's failure does not stop the others.
 
-Columns (METHOD.md §19.1): FID-T, Patch FID-T (vs teacher samples; lower is better), CLIP, HPSv2, Pick,
+Columns (docs/method.md §19.1): FID-T, Patch FID-T (vs teacher samples; lower is better), CLIP, HPSv2, Pick,
 ImageReward (means over the prompts; higher is better), plus the digits backend of the demo.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@
   ``annotations`` with ``image_id`` and ``caption``). ``num`` images are drawn without replacement by a
   permutation of the sorted image ids from ``torch.Generator().manual_seed(seed)`` and listed in ascending id order;
   each image contributes one caption: the one with the smallest annotation id (``caption: first``) or one drawn
-  with the same generator (``caption: random``). This is the "COCO-5K" set of METHOD.md §19 with ``num = 5000``.
+  with the same generator (``caption: random``). This is the "COCO-5K" set of docs/method.md §19 with ``num = 5000``.
 
 Whitespace inside a prompt is collapsed to single spaces (COCO captions hold newlines and trailing blanks), so the
 set can be written one prompt per line (``prompts.txt``, read by the generation code) next to a ``prompts.json``

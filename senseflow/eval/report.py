@@ -1,6 +1,6 @@
 """Results as JSON and as a markdown table laid out like the paper's Table 1, its published rows beside ours.
 
-The published numbers are METHOD.md §19.1 (COCO-5K, 4 steps; FID-T = FID against teacher samples). A cell of our
+The published numbers are docs/method.md §19.1 (COCO-5K, 4 steps; FID-T = FID against teacher samples). A cell of our
 row is ``–`` when the metric was skipped or failed; the reason is listed under the table. The paper's FID-T rows
 of the teachers themselves are ``–`` as published.
 """
@@ -21,7 +21,7 @@ COLUMNS: tuple[tuple[str, str, int], ...] = (
 )
 
 _N = None
-#: METHOD.md §19.1: block → (title, rows of (method, FID-T, Patch FID-T, CLIP, HPSv2, Pick, ImageReward))
+#: docs/method.md §19.1: block → (title, rows of (method, FID-T, Patch FID-T, CLIP, HPSv2, Pick, ImageReward))
 PAPER_TABLE1: dict[str, tuple[str, list[tuple]]] = {
     "sdxl": ("SDXL (teacher 80 NFE)", [
         ("SDXL (80 NFE)", _N, _N, 0.3293, 0.2930, 22.67, 0.8719),

@@ -1,4 +1,4 @@
-"""One SenseFlow / DMD2 iteration's losses, model-agnostic (METHOD.md §1.2-§1.3, §4-§11).
+"""One SenseFlow / DMD2 iteration's losses, model-agnostic (docs/method.md §1.2-§1.3, §4-§11).
 
 The :class:`Distiller` owns *what* is computed: the generator input (§4.2), the generator loss
 L_G = L_DMD + L_adv + λ_ISG·L_ISG (§1.2), the fake-score loss L_F (§6), the discriminator's hinge loss (§9.3) and
@@ -32,7 +32,7 @@ def sampler_from(cfg: Any) -> TimestepSampler:
 
 @dataclass
 class Decisions:
-    """The draws of one iteration that every rank and every micro-batch share (decision 2)."""
+    """The draws of one iteration that every rank and every micro-batch share (docs/method.md, decision 2)."""
 
     backsim: bool
     k: int
@@ -49,7 +49,7 @@ class MicroBatch:
     text_embed: Tensor | None  # CLIP text embedding c for D (L2-normalised)
     real_pixels: Tensor | None  # r: real image in [-1, 1] for D (real sample and reference)
     real_latents: Tensor  # z_real
-    noise: list[torch.Generator]  # one generator per sample (per-rank noise, decision 2)
+    noise: list[torch.Generator]  # one generator per sample (per-rank noise, docs/method.md decision 2)
     x_in: Tensor
     tau_k: Tensor
     pred: Tensor | None = None
@@ -154,7 +154,7 @@ class Distiller:
         return total, logs
 
     def time_weight(self, tau_k: Tensor, k: int) -> Tensor:
-        """w(τ_k) of §10 for the configured mode (decision 3)."""
+        """w(τ_k) of docs/method.md §10 for the configured mode (decision 3)."""
         return gan.gan_time_weight(self.schedule, tau_k, str(self.cfg.gan.time_weight), self.anchor_index(k))
 
     def anchor_index(self, k: int) -> int | None:

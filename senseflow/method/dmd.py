@@ -1,4 +1,4 @@
-"""Distribution matching (METHOD.md §5) and the fake-score denoising loss (§6).
+"""Distribution matching (docs/method.md §5) and the fake-score denoising loss (§6).
 
 Symbols: x̂₀ the generator's clean estimate (carries grad), F the fake score (never guided), T the teacher (guided
 through the family), τ a per-sample time of shape [B] drawn by a :class:`TimestepSampler`, ε ~ N(0, I).

@@ -1,4 +1,4 @@
-"""Adversarial losses of the VFM discriminator and their per-anchor time weights (METHOD.md §9.3, §10).
+"""Adversarial losses of the VFM discriminator and their per-anchor time weights (docs/method.md §9.3, §10).
 
 Hinge losses, each first averaged over a sample's logits (all heads, all positions), then multiplied by the
 per-sample time weight w(τ_k) of the generator's input anchor, then averaged over the batch:
@@ -9,7 +9,7 @@ per-sample time weight w(τ_k) of the generator's input anchor, then averaged ov
 
 The same w(τ_k) weighs the generator term and both discriminator terms.
 
-Time weights (decision 3):
+Time weights (docs/method.md, decision 3):
 
 * ``paper``: ω = (1 − σ)² for flow teachers and ᾱ_t for DDPM teachers (α_t² with α_t = √ᾱ_t);
 * ``reference``: §10 as coded: DDPM √ᾱ_t (power 1); flow (1 − σ)², except where the anchors are grid indices

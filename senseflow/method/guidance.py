@@ -1,4 +1,4 @@
-"""Teacher guidance: the scale s of a guided teacher call and the call itself (METHOD.md §5, §8).
+"""Teacher guidance: the scale s of a guided teacher call and the call itself (docs/method.md §5, §8).
 
 A guidance scale is either fixed (``min == max``: SDXL DMD s = 8, SD3.5-Large ISG s = 5) or drawn as
 s ~ U(min, max) once per use and shared by the batch and by every rank (decision 2: it comes from ``shared_gen``).

@@ -1,4 +1,4 @@
-"""IDA, implicit distribution alignment (METHOD.md §7).
+"""IDA, implicit distribution alignment (docs/method.md §7).
 
 Right after each generator step, every trainable parameter θ_i of the generator G pulls the same-named
 parameter φ_i of the fake score F toward it:

@@ -1,4 +1,4 @@
-"""Random streams of a run (METHOD.md decision 2) and the draw helpers every module uses.
+"""Random streams of a run (docs/method.md, decision 2) and the draw helpers every module uses.
 
 * ``shared``: one generator seeded identically on every rank; every *decision* that must agree across ranks and
   micro-batches (the backward-simulation coin, the anchor index k, the ISG mid-point, the teacher guidance scale)

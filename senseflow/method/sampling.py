@@ -1,4 +1,4 @@
-"""Few-step samplers of the generator and backward simulation, generic over family and schedule (METHOD.md §4, §16.3).
+"""Few-step samplers of the generator and backward simulation, for any family and schedule (docs/method.md §4, §16.3).
 
 Anchors τ₀ > τ₁ > … > τ_{K−1} (σ for flow models, integer t for SDXL) and τ_K := the clean end point
 (σ = 0, or ᾱ = 1 for DDPM). Let P(x, τ) be the raw prediction of the network (v or ε) and x̂₀(x, τ) the clean
@@ -45,7 +45,7 @@ __all__ = [
 def anchor_indices(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """Grid indices i_k = (T − 1) − k·⌊T/K⌋, k = 0..K−1 (K = 4, T = 1000: 999, 749, 499, 249).
 
-    For SDXL these are the anchors t_k themselves (METHOD.md §4.1).
+    For SDXL these are the anchors t_k themselves (docs/method.md §4.1).
     """
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")

@@ -1,6 +1,6 @@
 """Noise schedules: every formula that differs between DDPM (SDXL) and flow-matching (SD3.5, FLUX) teachers.
 
-Notation (METHOD.md §1.1). A per-sample "time" τ is a tensor of shape [B]:
+Notation (docs/method.md §1.1). A per-sample "time" τ is a tensor of shape [B]:
 
 * flow models: τ = σ ∈ [0, 1],  x_σ = (1 − σ)·x₀ + σ·ε,  the network predicts v ≈ ε − x₀,
   x̂₀ = x_σ − σ·v,  Euler move σ → σ′:  x_σ′ = x_σ + (σ′ − σ)·v;
@@ -59,7 +59,7 @@ def dynamic_shift(u: Tensor | float, mu: float) -> Tensor | float:
 def flux_mu(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
     """μ linear in the packed image-token count: μ(base_seq_len) = base_shift, μ(max_seq_len) = max_shift.
 
-    FLUX.1-dev at 1024² has (1024/16)² = 4096 tokens, so μ = 1.15 and e^μ ≈ 3.1582 (METHOD.md §4.1).
+    FLUX.1-dev at 1024² has (1024/16)² = 4096 tokens, so μ = 1.15 and e^μ ≈ 3.1582 (docs/method.md §4.1).
     """
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return base_shift + slope * (image_seq_len - base_seq_len)
@@ -110,7 +110,7 @@ class Schedule(ABC):
         return self.add_noise(x0, eps, tau)
 
     def anchors(self, indices: Sequence[int] | None = None, explicit: Sequence[float] | None = None) -> Tensor:
-        """Generator anchors τ₀ > τ₁ > … (METHOD.md §4.1).
+        """Generator anchors τ₀ > τ₁ > … (docs/method.md §4.1).
 
         ``indices`` are grid indices (SDXL t = 999, 749, 499, 249; SD3.5 σ = s₃((i+1)/1000) = 1, .9, .75, .5;
         FLUX σ = dynamic_shift((i+1)/1000) ≈ 1, .9045, .7595, .5128 at 1024²). ``explicit`` gives τ directly
@@ -185,7 +185,7 @@ class FlowSchedule(Schedule):
 
 
 class DDPMSchedule(Schedule):
-    """Discrete DDPM with ε-prediction; ᾱ comes from the teacher's scheduler config (METHOD.md §1.1)."""
+    """Discrete DDPM with ε-prediction; ᾱ comes from the teacher's scheduler config (docs/method.md §1.1)."""
 
     prediction = "epsilon"
 

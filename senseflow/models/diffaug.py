@@ -1,4 +1,4 @@
-"""Differentiable augmentation of the discriminator's input (METHOD.md §9.1; DiffAugment, written from its math).
+"""Differentiable augmentation of the discriminator's input (docs/method.md §9.1; DiffAugment, written from its math).
 
 Each transform draws its parameters per sample from an explicit ``torch.Generator`` and is differentiable with
 respect to the image x ∈ [−1, 1] of shape (B, C, H, W):

@@ -1,5 +1,5 @@
 """The VFM discriminator D_ψ: a frozen DINOv2 backbone, trainable heads, text and reference conditioning
-(METHOD.md §9, decision 5).
+(docs/method.md §9, decision 5).
 
 Forward D(x, c, r):
 

@@ -1,4 +1,4 @@
-"""DMD2 baseline: a GAN classifier on the fake UNet's bottleneck (METHOD.md §11.1-§11.2; SDXL only).
+"""DMD2 baseline: a GAN classifier on the fake UNet's bottleneck (docs/method.md §11.1-§11.2; SDXL only).
 
 The classifier judges a latent x₀ after diffusion-GAN noising: t ~ sampler (U{0..999}), x_t = add_noise(x₀, ε, t),
 the fake score F runs on (x_t, t, c) and the output of its ``mid_block`` (SDXL at 1024²: 1280 × 32 × 32) feeds

@@ -1,4 +1,4 @@
-"""DistillationTrainer: the order of updates, optimisers, precision, logging and checkpoints (METHOD.md §1.3).
+"""DistillationTrainer: the order of updates, optimisers, precision, logging and checkpoints (docs/method.md §1.3).
 
 Per iteration ``it`` (counting from 1):
 

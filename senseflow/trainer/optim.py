@@ -1,4 +1,4 @@
-"""Optimisers and LR schedules of the three players (METHOD.md §3.4, §3.7)."""
+"""Optimisers and LR schedules of the three players (docs/method.md §3.4, §3.7)."""
 from __future__ import annotations
 
 import importlib.util
