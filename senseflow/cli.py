@@ -1,4 +1,5 @@
-"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``, ``memory``, ``eval``, ``demo``.
+"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``, ``memory``, ``eval``, ``demo``,
+``teacher``.
 
 Errors a user can fix (bad config, missing folder, bad dataset) print one line and exit with code 2.
 """
@@ -71,6 +72,12 @@ def main_demo(argv: Sequence[str]) -> int:
     return run(list(argv))
 
 
+def main_teacher(argv: Sequence[str]) -> int:
+    from senseflow.teacher.cli import main_teacher as run
+
+    return run(list(argv))
+
+
 def main_config(argv: Sequence[str]) -> int:
     from senseflow.config import main_config_check as run
 
@@ -86,6 +93,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "memory": main_memory,
     "eval": main_eval,
     "demo": main_demo,
+    "teacher": main_teacher,
 }
 
 

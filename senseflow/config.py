@@ -1,9 +1,10 @@
 """Configuration: a typed schema, YAML loading with inheritance, ``key=value`` overrides and validation.
 
-Every number of the method lives here or in ``configs/*.yaml`` (METHOD.md, project decision 1); the code reads
-it from the object that :func:`load_config` returns. The schema is a tree of dataclasses (OmegaConf structured
-configs) whose sections are ``experiment``, ``teacher``, ``schedule``, ``method``, ``discriminator``,
-``optimizer``, ``train``, ``data`` and ``dist``. Defaults are the SD3.5-Medium preset values or neutral ones.
+Every number of the method lives here or in ``configs/*.yaml`` (docs/method.md, decision 1); the code reads
+it from the object that :func:`load_config` returns. Comments cite docs/method.md as "§N" and "decision N".
+The schema is a tree of dataclasses (OmegaConf structured configs) whose sections are ``experiment``,
+``teacher``, ``schedule``, ``method``, ``discriminator``, ``optimizer``, ``train``, ``data`` and ``dist``. Defaults
+are the SD3.5-Medium preset values or neutral ones.
 
 Loading, in order (every failure is a :class:`ConfigError` with a one-line message naming the key and the file):
 
@@ -307,9 +308,9 @@ def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _field_type(path: str) -> Any:
+def _field_type(path: str, schema: type) -> Any:
     """Type hint of a dotted schema key (``method.isg.weight``); list items ``key[0]`` give the item type."""
-    tp: Any = SenseFlowConfig
+    tp: Any = schema
     for part in path.split("."):
         name, _, index = part.partition("[")
         tp = _hints(tp)[name]
@@ -349,13 +350,13 @@ def schema_keys(cls: type = SenseFlowConfig, prefix: str = "") -> list[str]:
     return out
 
 
-def _suggest(name: str, cls: type, prefix: str) -> str:
+def _suggest(name: str, cls: type, prefix: str, schema: type) -> str:
     """A ' (did you mean ...?)' hint: a sibling key first, then the same name elsewhere, then any close key."""
     siblings = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{prefix}{close[0]}'?)"
-    all_keys = schema_keys()
+    all_keys = schema_keys(schema)
     sections = sorted({k.rsplit(".", i)[0] for k in all_keys for i in range(1, k.count(".") + 1)})
     candidates = all_keys + sections
     same_leaf = [k for k in candidates if k.rsplit(".", 1)[-1] == name]
@@ -368,19 +369,19 @@ def _suggest(name: str, cls: type, prefix: str) -> str:
     return f" (valid keys {where}: {', '.join(siblings)})"
 
 
-def _check_keys(data: dict, cls: type, prefix: str, label: str, sources: dict[str, str]) -> None:
+def _check_keys(data: dict, cls: type, prefix: str, label: str, sources: dict[str, str], schema: type) -> None:
     """Reject keys that the schema does not have; record which layer set each leaf in ``sources``."""
     fields = _hints(cls)
     for key, value in data.items():
         if not isinstance(key, str) or key not in fields:
-            raise ConfigError(f"{label}: unknown key '{prefix}{key}'{_suggest(str(key), cls, prefix)}")
+            raise ConfigError(f"{label}: unknown key '{prefix}{key}'{_suggest(str(key), cls, prefix, schema)}")
         tp = fields[key]
         if _is_section(tp):
             if value is None:  # an empty section (all its lines commented out) sets nothing
                 data[key] = value = {}
             if not isinstance(value, dict):
                 raise ConfigError(f"{label}: {prefix}{key} = {value!r}: expected {_describe_type(tp)}")
-            _check_keys(value, tp, f"{prefix}{key}.", label, sources)
+            _check_keys(value, tp, f"{prefix}{key}.", label, sources, schema)
         else:
             sources[f"{prefix}{key}"] = label
 
@@ -436,20 +437,22 @@ def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
     return layers
 
 
-def _parse_override(item: str) -> dict:
+def _parse_override(item: str, schema: type) -> dict:
     label = f"command-line override '{item}'"
     key, sep, _ = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"{label}: expected key=value, e.g. method.gd=10")
-    cls: Any = SenseFlowConfig
+    cls: Any = schema
     parts = key.split(".")
     for i, part in enumerate(parts):
         prefix = ".".join(parts[:i]) + ("." if i else "")
+        if typing.get_origin(cls) is dict:  # a free-form mapping: its keys are checked by whoever reads it
+            break
         if not _is_section(cls):
             raise ConfigError(f"{label}: '{prefix[:-1]}' is a value, not a section")
         if part not in _hints(cls):
-            raise ConfigError(f"{label}: unknown key '{prefix}{part}'{_suggest(part, cls, prefix)}")
+            raise ConfigError(f"{label}: unknown key '{prefix}{part}'{_suggest(part, cls, prefix, schema)}")
         cls = _hints(cls)[part]
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)  # type: ignore[return-value]
@@ -457,32 +460,33 @@ def _parse_override(item: str) -> dict:
         raise ConfigError(f"{label}: cannot parse the value: {exc}") from exc
 
 
-def _type_error(label: str, exc: OmegaConfBaseException) -> ConfigError:
+def _type_error(label: str, exc: OmegaConfBaseException, schema: type) -> ConfigError:
     key = str(getattr(exc, "full_key", "") or "")
     detail = str(getattr(exc, "msg", None) or exc).splitlines()[0]
     try:
-        expected = _describe_type(_field_type(key)) if key else ""
+        expected = _describe_type(_field_type(key, schema)) if key else ""
     except (KeyError, IndexError):
         expected = ""
     where = f" {key}" if key else ""
     return ConfigError(f"{label}:{where} has a wrong type: {detail}" + (f"; expected {expected}" if expected else ""))
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SenseFlowConfig:
-    """Load ``path`` (with its ``defaults`` chain), apply ``key=value`` overrides, check keys, types and ranges.
+def load_structured(path: str | os.PathLike, overrides: Sequence[str], schema: type) -> tuple[Any, dict[str, str]]:
+    """Load ``path`` (with its ``defaults`` chain) into the dataclass ``schema``, applying ``key=value`` overrides.
 
-    Paths are not checked here; call :func:`validate_paths` before loading models. Raises :class:`ConfigError`.
+    Unknown keys (with a "did you mean" hint), wrong types and missing required keys raise :class:`ConfigError`
+    naming the file or override. Returns the schema object and, per leaf key, the layer that set it.
     """
     layers = _layers(Path(path))
-    layers += [(f"command-line override '{item}'", _parse_override(item)) for item in overrides]
+    layers += [(f"command-line override '{item}'", _parse_override(item, schema)) for item in overrides]
     sources: dict[str, str] = {}
-    merged = OmegaConf.structured(SenseFlowConfig)
+    merged = OmegaConf.structured(schema)
     for label, data in layers:
-        _check_keys(data, SenseFlowConfig, "", label, sources)
+        _check_keys(data, schema, "", label, sources, schema)
         try:
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as exc:
-            raise _type_error(label, exc) from exc
+            raise _type_error(label, exc, schema) from exc
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         key = missing[0]
@@ -491,11 +495,19 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Sense
             f"pass {key}=... on the command line)"
         )
     try:
-        cfg = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged), sources
     except OmegaConfBaseException as exc:
-        raise _type_error(_display(Path(path)), exc) from exc
-    validate(cfg, sources)  # type: ignore[arg-type]
-    return cfg  # type: ignore[return-value]
+        raise _type_error(_display(Path(path)), exc, schema) from exc
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SenseFlowConfig:
+    """Load ``path`` (with its ``defaults`` chain), apply ``key=value`` overrides, check keys, types and ranges.
+
+    Paths are not checked here; call :func:`validate_paths` before loading models. Raises :class:`ConfigError`.
+    """
+    cfg, sources = load_structured(path, overrides, SenseFlowConfig)
+    validate(cfg, sources)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,14 +13,12 @@ What is kept from the real checkpoints (the things the method depends on):
   ``FlowMatchEulerDiscreteScheduler`` with dynamic shifting (μ from 0.5 at 256 tokens to 1.15 at 4096 tokens);
 * VAE latent normalisation: SDXL z·0.13025; SD3.5 (z − 0.0609)·1.5305; FLUX (z − 0.1159)·0.3611; 8× downscaling;
 * text-encoder roles and widths *relations*: SDXL CLIP-L ⊕ CLIP-G hidden = UNet cross-attention width; SD3 CLIP-L
-  hidden + CLIP-G hidden ≤ T5 width (otherwise the pipeline's pad silently crops, CPU_FEASIBILITY.md §10.8);
+  hidden + CLIP-G hidden ≤ T5 width (otherwise the pipeline's pad silently crops);
   FLUX pooled width = CLIP-L hidden, joint width = T5 width; FLUX.1-dev's distilled-guidance embedding.
 
 Widths deliberately differ between encoders (e.g. CLIP-L 16, CLIP-G 32) so that a concatenation in the wrong
-order or of the wrong tensor fails a shape test. Tokenizers are trained here on :data:`CORPUS`: a CLIP-style
-byte-level BPE (``tokenizers``' CLIP pre-tokenisation, merges learnt by a small deterministic learner) wrapped as
-``CLIPTokenizer``, and a T5-style Unigram (``tokenizers``' UnigramTrainer, canonicalised) wrapped as
-``T5Tokenizer``. Every random draw happens inside a forked torch RNG seeded from ``seed``, so the same seed gives
+order or of the wrong tensor fails a shape test. Tokenizers are trained on :data:`CORPUS` by
+:mod:`senseflow.models.tokenizers` (a CLIP-style byte-level BPE and a T5-style Unigram). Every random draw happens inside a forked torch RNG seeded from ``seed``, so the same seed gives
 byte-identical files (weights, tokenizers and configs) and the caller's global RNG is left untouched.
 """
 from __future__ import annotations
@@ -29,19 +27,20 @@ import argparse
 import contextlib
 import json
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+
+from senseflow.models.tokenizers import train_clip_tokenizer, train_t5_tokenizer
 
 __all__ = [
     "CORPUS",
     "TINY_KINDS",
     "build_tiny_teacher",
     "build_tiny_discriminator_backbones",
-    "train_clip_tokenizer",
-    "train_t5_tokenizer",
+    "tiny_clip_tokenizer",
+    "tiny_t5_tokenizer",
     "main_tiny",
 ]
 
@@ -181,103 +180,25 @@ FLUX_TRANSFORMER = dict(
 SCHEDULER_FLUX = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 
-#: discriminator backbones (decision 5): DINOv2 with patch 8 at 64 px (64 tokens) and a CLIP text tower
+#: discriminator backbones (docs/method.md, decision 5): DINOv2 with patch 8 at 64 px (64 tokens) and a CLIP text tower
 DINO_BACKBONE = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=64,
                      patch_size=8, num_channels=3, layerscale_value=1.0, use_swiglu_ffn=False)
 CLIP_TEXT_BACKBONE = dict(_CLIP_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                           projection_dim=32)
 
-_CLIP_NUM_MERGES = 256
+_CLIP_VOCAB_SIZE = 700
 _T5_VOCAB_SIZE = 200
 _T5_MAX_LENGTH = 512
-_T5_SCORE_DECIMALS = 4
 
 
-# ---- tokenizers ----------------------------------------------------------------------------------------------
-
-def train_clip_tokenizer(corpus: Sequence[str] = CORPUS, num_merges: int = _CLIP_NUM_MERGES, model_max_length: int = 77):
-    """A CLIP-style byte-level BPE trained on ``corpus``, as a ``transformers.CLIPTokenizer``.
-
-    The text is split by the ``tokenizers`` pipeline that ``CLIPTokenizer`` itself uses (NFC, whitespace folding,
-    lower-casing, CLIP's regex, byte-level mapping), so training and tokenisation see the same words. Merges are
-    learnt greedily: repeatedly merge the most frequent adjacent symbol pair (ties → lexicographically smallest
-    pair), with ``</w>`` marking the end of a word. (``tokenizers``' own BpeTrainer breaks ties through hash-map
-    order, which changes between processes; this learner is deterministic.) Vocabulary: ``<|startoftext|>`` = 0
-    (bos), ``<|endoftext|>`` = 1 (eos, pad and unk, as in CLIP-L), the 256 byte symbols, the same with ``</w>``,
-    then one token per merge.
-    """
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    splitter = CLIPTokenizer(bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos).backend_tokenizer
-    words: Counter[str] = Counter()
-    for text in corpus:
-        normalized = splitter.normalizer.normalize_str(text)
-        words.update(piece for piece, _ in splitter.pre_tokenizer.pre_tokenize_str(normalized))
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for token in [bos, eos, *alphabet, *(c + "</w>" for c in alphabet)]:
-        vocab.setdefault(token, len(vocab))
-    merges = _learn_bpe_merges(words, num_merges)
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos,
-                         model_max_length=model_max_length)
+def tiny_clip_tokenizer():
+    """The CLIP-style tokenizer of the tiny teachers, trained on :data:`CORPUS`."""
+    return train_clip_tokenizer(CORPUS, _CLIP_VOCAB_SIZE, 77)
 
 
-def _learn_bpe_merges(words: Counter[str], num_merges: int) -> list[tuple[str, str]]:
-    """Greedy BPE: ``num_merges`` times, merge the most frequent adjacent pair (ties → smallest pair)."""
-    symbols = {w: (*w[:-1], w[-1] + "</w>") for w in sorted(words)}
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: Counter[tuple[str, str]] = Counter()
-        for w, syms in symbols.items():
-            for pair in zip(syms, syms[1:]):
-                pairs[pair] += words[w]
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        for w, syms in symbols.items():
-            out, i = [], 0
-            while i < len(syms):
-                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == best:
-                    out.append(syms[i] + syms[i + 1])
-                    i += 2
-                else:
-                    out.append(syms[i])
-                    i += 1
-            symbols[w] = tuple(out)
-    return merges
-
-
-def train_t5_tokenizer(corpus: Sequence[str] = CORPUS, vocab_size: int = _T5_VOCAB_SIZE,
-                       model_max_length: int = _T5_MAX_LENGTH):
-    """A T5-style SentencePiece-Unigram (``▁`` word prefix) trained on ``corpus`` with ``tokenizers``' UnigramTrainer,
-    wrapped as ``T5Tokenizer``; scores are rounded and pieces sorted so that the result is reproducible.
-
-    Ids: ``<pad>`` = 0, ``</s>`` = 1 (appended to every sequence), ``<unk>`` = 2, as in T5; no ``<extra_id_*>``.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import T5Tokenizer
-
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-    ])
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", show_progress=False)
-    tok.train_from_iterator(list(corpus), trainer=trainer)
-    pieces = [(p, float(s)) for p, s in json.loads(tok.to_str())["model"]["vocab"]]
-    if [p for p, _ in pieces[:3]] != ["<pad>", "</s>", "<unk>"]:
-        raise RuntimeError(f"unexpected Unigram special-token order: {pieces[:3]}")
-    # canonical form: the trainer's EM sums in a thread-dependent order, so scores differ in the last bits and
-    # equal scores come out in any order; round and sort to make the file identical on every run
-    normal = sorted(((p, round(s, _T5_SCORE_DECIMALS)) for p, s in pieces[3:]), key=lambda ps: (-ps[1], ps[0]))
-    pieces = pieces[:3] + normal
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+def tiny_t5_tokenizer():
+    """The T5-style tokenizer of the tiny teachers, trained on :data:`CORPUS`."""
+    return train_t5_tokenizer(CORPUS, _T5_VOCAB_SIZE, _T5_MAX_LENGTH)
 
 
 # ---- builders ------------------------------------------------------------------------------------------------
@@ -314,7 +235,7 @@ def _build_sdxl(seed: int):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    tok = train_clip_tokenizer()
+    tok = tiny_clip_tokenizer()
     with _seeded(seed):
         text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_CLIP_L, **_clip_ids(tok)))
     with _seeded(seed + 1):
@@ -333,7 +254,7 @@ def _build_sd3(seed: int, transformer_cfg: dict):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    clip_tok, t5_tok = train_clip_tokenizer(), train_t5_tokenizer()
+    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     with _seeded(seed):
         text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**SD3_CLIP_L, **_clip_ids(clip_tok)))
     with _seeded(seed + 1):
@@ -355,7 +276,7 @@ def _build_flux(seed: int):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    clip_tok, t5_tok = train_clip_tokenizer(), train_t5_tokenizer()
+    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     with _seeded(seed):
         text_encoder = CLIPTextModel(CLIPTextConfig(**FLUX_CLIP_L, **_clip_ids(clip_tok)))
     with _seeded(seed + 1):
@@ -393,7 +314,7 @@ def build_tiny_teacher(kind: str, out_dir: str | Path, seed: int = 0, overwrite:
 
 
 def build_tiny_discriminator_backbones(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
-    """Tiny backbones of the VFM discriminator (decision 5), as ``from_pretrained`` folders under ``out_dir``.
+    """Tiny backbones of the VFM discriminator (docs/method.md, decision 5): ``from_pretrained`` folders in ``out_dir``.
 
     * ``dino``: a ``transformers.Dinov2Model`` (patch 8, image 64 → 64 tokens, hidden 32, 4 layers);
     * ``clip``: a ``CLIPTextModelWithProjection`` (hidden 32, projection 32) and its ``CLIPTokenizer`` in one
@@ -404,7 +325,7 @@ def build_tiny_discriminator_backbones(out_dir: str | Path, seed: int = 0, overw
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, Dinov2Config, Dinov2Model
 
     out = _prepare_out_dir(out_dir, overwrite)
-    tok = train_clip_tokenizer()
+    tok = tiny_clip_tokenizer()
     with _seeded(seed):
         dino = Dinov2Model(Dinov2Config(**DINO_BACKBONE))
     with _seeded(seed + 1):
@@ -424,7 +345,7 @@ _SHAPES = ("circle", "square")
 
 def build_tiny_dataset(out_dir: str | Path, num_images: int = 16, size: tuple[int, int] = (80, 72), seed: int = 0,
                        overwrite: bool = False) -> Path:
-    """A JSON image-caption set (METHOD.md §13.1 layout, relative paths) of coloured shapes for CPU runs.
+    """A JSON image-caption set (docs/method.md §13.1 layout, relative paths) of coloured shapes for CPU runs.
 
     Images are ``size`` = (width, height) RGB PNGs, deliberately not square so the loader's resize-and-crop runs;
     captions say the colour and the shape ("a red circle on a white background"). Returns the JSON's path.
@@ -467,7 +388,7 @@ def build_tiny_assets(out_dir: str | Path, seed: int = 0, overwrite: bool = Fals
     images = build_tiny_dataset(out / "data", seed=seed)
     from senseflow.data.build_lmdb import build_latent_lmdb
 
-    # SDXL trains from DMD2-layout latents (METHOD.md §13.2), encoded with the tiny SDXL teacher's VAE
+    # SDXL trains from DMD2-layout latents (docs/method.md §13.2), encoded with the tiny SDXL teacher's VAE
     build_latent_lmdb(images, out / "sdxl", out / "data" / "sdxl_latents.lmdb", resolution=64, batch_size=8,
                       seed=seed, progress=False)
     return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,11 @@ import torch
 
 from senseflow.tiny import (
     TINY_KINDS,
-    _learn_bpe_merges,
     build_tiny_discriminator_backbones,
     build_tiny_teacher,
     main_tiny,
-    train_clip_tokenizer,
-    train_t5_tokenizer,
+    tiny_clip_tokenizer,
+    tiny_t5_tokenizer,
 )
 
 LAYOUT = {
@@ -119,7 +117,7 @@ def test_unknown_kind_is_rejected(tmp_path):
 
 
 def test_clip_tokenizer_is_clip_like():
-    tok = train_clip_tokenizer()
+    tok = tiny_clip_tokenizer()
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 1)
     ids = tok("A photo of a CAT", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 and ids[0] == 0 and ids[-1] == 1
@@ -128,19 +126,12 @@ def test_clip_tokenizer_is_clip_like():
 
 
 def test_t5_tokenizer_is_t5_like():
-    tok = train_t5_tokenizer()
+    tok = tiny_t5_tokenizer()
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
     ids = tok("a photo of a cat").input_ids
     assert ids[-1] == 1 and tok.decode(ids, skip_special_tokens=True) == "a photo of a cat"
     padded = tok("a cat", padding="max_length", max_length=16).input_ids
     assert len(padded) == 16 and padded[-1] == 0
-
-
-def test_bpe_learner_breaks_ties_by_the_smallest_pair():
-    # "ab" and "cd" both occur once: the tie goes to ("a", "b</w>"), then to ("c", "d</w>")
-    assert _learn_bpe_merges(Counter({"cd": 1, "ab": 1}), 2) == [("a", "b</w>"), ("c", "d</w>")]
-    # frequency wins over order
-    assert _learn_bpe_merges(Counter({"ab": 1, "cd": 3}), 1) == [("c", "d</w>")]
 
 
 def test_discriminator_backbones(tmp_path):

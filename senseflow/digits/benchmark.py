@@ -85,15 +85,22 @@ class MethodResult:
 
 
 def recorded_guidance(teacher_path: str | Path) -> float:
-    """The CFG scale s at which the teacher's training record evaluated it (``evaluation.settings.guidance_scale``
-    of ``senseflow_digits_teacher.json``): the scale the demo and the benchmark sample the teacher with."""
-    from senseflow.digits.teacher import TEACHER_RECORD, teacher_record
+    """The CFG scale s the teacher is sampled with: ``generation.guidance_scale`` of its ``teacher_card.json``
+    (teachers of ``senseflow teacher train``) or ``evaluation.settings.guidance_scale`` of the shipped digits
+    teacher's training record. The demo and the benchmark sample the teacher with it."""
+    import json
 
+    from senseflow.digits.teacher import TEACHER_RECORD
+    from senseflow.teacher.train import CARD
+
+    folder = Path(teacher_path)
     try:
-        return float(teacher_record(teacher_path)["evaluation"]["settings"]["guidance_scale"])
+        if (folder / CARD).is_file():
+            return float(json.loads((folder / CARD).read_text())["generation"]["guidance_scale"])
+        return float(json.loads((folder / TEACHER_RECORD).read_text())["evaluation"]["settings"]["guidance_scale"])
     except (FileNotFoundError, KeyError, TypeError, ValueError):
-        raise ValueError(f"{Path(teacher_path) / TEACHER_RECORD} holds no evaluation.settings.guidance_scale: "
-                         f"pass the teacher's CFG scale explicitly (--teacher-guidance)") from None
+        raise ValueError(f"{folder} holds neither {CARD} nor {TEACHER_RECORD} with the teacher's guidance scale: "
+                         f"pass it explicitly (--teacher-guidance)") from None
 
 
 class Evaluator:
@@ -101,13 +108,14 @@ class Evaluator:
 
     def __init__(self, teacher_path: str | Path, spec: EvalSpec, t5_max_length: int = 77, resolution: int = 32) -> None:
         from senseflow.digits.data import caption
-        from senseflow.method.sampling import flow_anchor_grid, initial_noise
-        from senseflow.models.families import build_family
+        from senseflow.method.sampling import initial_noise
+        from senseflow.models.families import build_family, family_of_folder
 
         if spec.teacher_guidance is None:
             spec = replace(spec, teacher_guidance=recorded_guidance(teacher_path))
         self.spec = spec
-        self.family = build_family("sd3", path=str(teacher_path), t5_max_length=t5_max_length)
+        self.family = build_family({"family": family_of_folder(teacher_path), "path": str(teacher_path),
+                                    "t5_max_length": t5_max_length, "resolution": resolution})
         self.teacher = self.family.load_denoiser(dtype=torch.float32).eval().requires_grad_(False)
         self.schedule = self.family.schedule(resolution, resolution)
         self.digits = spec.digits
@@ -116,12 +124,14 @@ class Evaluator:
         shape = (len(self.digits), *self.family.latent_shape(resolution, resolution))
         self.noise = initial_noise(shape, torch.Generator().manual_seed(spec.seed), "cpu")
         self.reference_noise = initial_noise(shape, torch.Generator().manual_seed(spec.reference_seed), "cpu")
-        self._grid = flow_anchor_grid
         self.reference: Tensor | None = None
 
     def anchors(self, steps: int) -> Tensor:
-        """The shifted SD3.5 grid σ = s₃(1 − k/K) of a ``steps``-step sampler (the student's anchors for K = 4)."""
-        return self.schedule.anchors_from_grid(self._grid(steps))
+        """K evenly spaced anchors of the teacher's schedule (flow: σ = shift(1 − k/K), SD3.5 1, .9, .75, .5 for
+        K = 4; DDPM: t = 999, 749, 499, 249), the student's for K = 4."""
+        from senseflow.method.sampling import make_anchors
+
+        return make_anchors(self.schedule, steps)
 
     @torch.no_grad()
     def sample_set(self, sample, noise: Tensor | None = None) -> tuple[Tensor, float]:

@@ -25,7 +25,15 @@ from typing import Sequence
 __all__ = ["main_demo", "repo_root", "prepare_assets", "train_command", "run_training", "evaluate_run"]
 
 DEFAULT_CONFIG = "configs/SD35/digits_senseflow.yaml"
-LAUNCHER = "exp_sd35/train_SD35_senseflow.sh"
+#: the launcher of each trainer (the demo's default: sd35_senseflow)
+LAUNCHERS: dict[str, str] = {
+    "sd35_senseflow": "exp_sd35/train_SD35_senseflow.sh",
+    "sd35_large_senseflow": "exp_sd35/train_SD35_large_senseflow.sh",
+    "sdxl_senseflow": "exp_sdxl/train_sdxl_senseflow.sh",
+    "sdxl_dmd2": "exp_sdxl/train_sdxl_dmd2.sh",
+    "flux_senseflow": "exp_flux/train_flux_senseflow.sh",
+}
+LAUNCHER = LAUNCHERS["sd35_senseflow"]
 
 
 def repo_root() -> Path:
@@ -57,14 +65,14 @@ def _free_port() -> int:
 
 
 def train_command(config: Path, run_dir: Path, teacher: Path, assets: dict[str, Path], iterations: int | None,
-                  overrides: Sequence[str] = ()) -> list[str]:
+                  overrides: Sequence[str] = (), trainer: str = "sd35_senseflow") -> list[str]:
     """The launcher command line (one node, one process) with the demo's paths as ``key=value`` overrides.
 
     ``iterations`` sets ``train.iterations`` and ``optimizer.decay_steps`` together, so a cosine decay (the digits
     config's) spans the whole run instead of ending at the config's length and leaving the LR at its end value;
     an ``optimizer.decay_steps=…`` in ``overrides`` comes later and wins.
     """
-    cmd = ["sh", str(repo_root() / LAUNCHER), "1", "1", str(config), str(run_dir),
+    cmd = ["sh", str(repo_root() / LAUNCHERS[trainer]), "1", "1", str(config), str(run_dir),
            f"teacher.path={teacher}", f"data.path={assets['data']}",
            f"discriminator.dino_path={assets['dino']}", f"discriminator.clip_path={assets['clip']}"]
     if iterations is not None:
@@ -104,7 +112,7 @@ def latest_student(run_dir: Path) -> Path:
 
 
 def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, columns: int, seed: int = 0,
-                 meta: dict | None = None, teacher_guidance: float | None = None) -> dict:
+                 meta: dict | None = None, teacher_guidance: float | None = None, label: str = "SenseFlow") -> dict:
     """Grids and the metrics table of teacher 28-step, the teacher's Euler baselines (4 steps; 2 steps = the
     student's 4 NFE) and the 4-step student with each of its two samplers (the grid shows the re-noising sampler,
     "Ours")."""
@@ -115,8 +123,8 @@ def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, column
     ev = Evaluator(teacher, EvalSpec(per_digit=per_digit, seed=seed, teacher_guidance=teacher_guidance))
     r28, im28 = ev.evaluate_teacher(ev.spec.teacher_steps)
     baselines = [ev.evaluate_teacher(n)[0] for n in ev.spec.teacher_baselines]
-    rs, ims = ev.evaluate_student(student, "SenseFlow student 4-step")
-    re, _ = ev.evaluate_student(student, "SenseFlow student 4-step (Euler)", sampler="euler")
+    rs, ims = ev.evaluate_student(student, f"{label} student 4-step")
+    re, _ = ev.evaluate_student(student, f"{label} student 4-step (Euler)", sampler="euler")
     cols = min(columns, per_digit)
     g_s = image_grid(ims, ev.digits, cols)
     g_t = image_grid(im28, ev.digits, cols)
@@ -141,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-digit", type=int, default=30, help="evaluation images per digit (default 30: FD-T noise floor ≈ 3.5, docs/benchmarks.md)")
     p.add_argument("--grid-columns", type=int, default=6, help="seeds shown per digit in the grids (default 6)")
     p.add_argument("--config", default=None, help=f"training config (default {DEFAULT_CONFIG} of the checkout)")
+    p.add_argument("--trainer", default="sd35_senseflow", choices=sorted(LAUNCHERS),
+                   help="the trainer (and its launcher) that distils the teacher (default sd35_senseflow)")
     p.add_argument("--teacher", default=None, help="teacher folder (default the shipped senseflow/assets/digits_teacher)")
     p.add_argument("--teacher-guidance", type=float, default=None, help="teacher CFG scale of the evaluation (default: the scale in the teacher's training record, 4 for the shipped one)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (OMP_NUM_THREADS) of training and evaluation (default 1: on a shared 2-core machine 2 threads oversubscribe and run ~5x slower)")
@@ -169,7 +179,7 @@ def main_demo(argv: Sequence[str]) -> int:
     print(f"[demo] writing data set and discriminator backbones under {out}", flush=True)
     assets = prepare_assets(out)
     run_dir = out / "run"
-    cmd = train_command(config, run_dir, teacher, assets, args.iterations, args.overrides)
+    cmd = train_command(config, run_dir, teacher, assets, args.iterations, args.overrides, args.trainer)
     print("[demo] " + " ".join(cmd), flush=True)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     train_s = run_training(cmd, out / "train.log")
@@ -177,7 +187,8 @@ def main_demo(argv: Sequence[str]) -> int:
     torch.set_num_threads(max(1, args.threads))
     t_eval = time.perf_counter()
     meta = evaluate_run(out, teacher, latest_student(run_dir), args.samples_per_digit, args.grid_columns,
-                        meta={"train_seconds": train_s, "command": cmd}, teacher_guidance=args.teacher_guidance)
+                        meta={"train_seconds": train_s, "command": cmd}, teacher_guidance=args.teacher_guidance,
+                        label="SenseFlow" if args.trainer.endswith("senseflow") else "DMD2")
     meta["eval_seconds"] = time.perf_counter() - t_eval
     meta["total_seconds"] = time.perf_counter() - t_start
     import json

@@ -81,10 +81,11 @@ def build_tiny_clip(folder: Path | str, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
     from senseflow.quiet import quiet_libraries
-    from senseflow.tiny import train_clip_tokenizer
+    from senseflow.models.tokenizers import train_clip_tokenizer
+    from senseflow.tiny import CORPUS
 
     quiet_libraries()
-    tok = train_clip_tokenizer(num_merges=64)
+    tok = train_clip_tokenizer(CORPUS, vocab_size=400, max_length=77)
     cfg = CLIPConfig(**{**TINY_CLIP, "text_config": {**TINY_CLIP["text_config"], "vocab_size": len(tok),
                                                       "bos_token_id": tok.bos_token_id,
                                                       "eos_token_id": tok.eos_token_id,

@@ -9,13 +9,15 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from senseflow.models.families.base import Condition, TeacherFamily
 
-__all__ = ["Condition", "TeacherFamily", "FAMILY_NAMES", "get_family", "build_family"]
+__all__ = ["Condition", "TeacherFamily", "FAMILY_NAMES", "get_family", "build_family", "family_of_folder"]
 
 #: registry names (and aliases) → module and class
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -39,6 +41,18 @@ def get_family(name: str) -> type[TeacherFamily]:
         raise ValueError(f"unknown teacher family {name!r}: expected one of {', '.join(_REGISTRY)}{hint}")
     module, cls = _REGISTRY[key]
     return getattr(importlib.import_module(module), cls)
+
+
+def family_of_folder(path: str | Path) -> str:
+    """The family whose stock pipeline class a diffusers folder's ``model_index.json`` names."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: expected a diffusers pipeline folder")
+    name = json.loads(index.read_text()).get("_class_name")
+    for family in _REGISTRY:
+        if getattr(get_family(family), "pipeline_class_name", None) == name:
+            return family
+    raise ValueError(f"{index}: pipeline class {name!r} is not one of a known family's")
 
 
 def _dtype(value: Any, key: str) -> torch.dtype:

@@ -20,7 +20,7 @@ from senseflow.method.schedules import Schedule
 
 @dataclass
 class Condition:
-    """Text conditioning of a batch (METHOD.md §12). Tensors are batch-first unless noted.
+    """Text conditioning of a batch (docs/method.md §12). Tensors are batch-first unless noted.
 
     * ``prompt_embeds``: SDXL (B, 77, 2048); SD3.5 (B, 154, 4096); FLUX (B, 512, 4096) at full width.
     * ``pooled``: SDXL text_encoder_2 projection (B, 1280); SD3.5 CLIP-L ⊕ CLIP-G projections (B, 2048);
@@ -75,6 +75,22 @@ class Condition:
         return replace(first, **out)
 
 
+@dataclass(frozen=True)
+class TextComponent:
+    """One text encoder of a family's pipeline: its component and tokenizer names in the diffusers folder, its
+    ``transformers`` class, and the architecture section that sizes it in a teacher config (``clip_l``, ``clip_g``,
+    ``t5``)."""
+
+    encoder: str
+    tokenizer: str
+    class_name: str
+    section: str
+
+    @property
+    def is_t5(self) -> bool:
+        return self.class_name == "T5EncoderModel"
+
+
 class TeacherFamily(ABC):
     """Adapter for one teacher architecture loaded from a local diffusers folder.
 
@@ -94,7 +110,10 @@ class TeacherFamily(ABC):
 
     @abstractmethod
     def build_student(self, teacher: nn.Module) -> nn.Module:
-        """A trainable copy of the teacher's weights for G or F (FLUX: ``guidance_embeds=False``, decision 4)."""
+        """A trainable copy of the teacher's weights for G or F.
+
+        FLUX: ``guidance_embeds=False`` (docs/method.md, decision 4).
+        """
 
     # ---- schedule ------------------------------------------------------------------------------------------
     @abstractmethod
@@ -109,7 +128,7 @@ class TeacherFamily(ABC):
         original_sizes: Tensor | None = None,
         crop_coords: Tensor | None = None,
     ) -> Condition:
-        """Encode captions exactly as METHOD.md §12 (SDXL also builds time ids from sizes and crops)."""
+        """Encode captions exactly as docs/method.md §12 (SDXL also builds time ids from sizes and crops)."""
 
     @abstractmethod
     def unconditional(self, batch: int) -> Condition:

@@ -1,7 +1,7 @@
 """FLUX family: MMDiT on 2×2-packed latents, rectified flow with a resolution-dependent (dynamic) shift, and
 FLUX.1-dev's distilled-guidance embedding.
 
-Text conditioning (METHOD.md §12): pooled = CLIP-L ``pooler_output`` (B, 768) from 77 tokens; prompt_embeds = T5
+Text conditioning (docs/method.md §12): pooled = CLIP-L ``pooler_output`` (B, 768) from 77 tokens; prompt_embeds = T5
 last hidden state (B, 512, 4096); text_ids = zeros (512, 3) shared by the batch (2-D, as current diffusers wants);
 unconditional = the encoding of "" (never needed by the method: FLUX guidance is an embedding, not CFG).
 
@@ -10,18 +10,18 @@ Packing: a latent (B, C, h, w) becomes (B, h/2·w/2, 4C) tokens, token (i, j) ho
 by 1000 itself) and, iff ``guidance_embeds``, a per-sample guidance scale g. :meth:`FluxFamily.predict` packs,
 calls, and unpacks, so the method only ever sees unpacked latents.
 
-Decision 4: the student G and fake score F are the teacher's transformer rebuilt with ``guidance_embeds=False``,
-carrying every teacher weight except ``time_text_embed.guidance_embedder.*``.
+docs/method.md, decision 4: the student G and fake score F are the teacher's transformer rebuilt with
+``guidance_embeds=False``, carrying every teacher weight except ``time_text_embed.guidance_embedder.*``.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from senseflow.method.schedules import Schedule
-from senseflow.models.families.base import Condition
+from senseflow.models.families.base import Condition, TextComponent
 from senseflow.models.families.loading import DiffusersFamily, flow_schedule_from_config, net_config, unwrap
 
 __all__ = ["FluxFamily", "pack_latents", "unpack_latents", "latent_image_ids", "GUIDANCE_PREFIX"]
@@ -64,26 +64,34 @@ class FluxFamily(DiffusersFamily):
     denoiser_subfolder = "transformer"
     denoiser_class_name = "FluxTransformer2DModel"
     default_t5_max_length = 512
-    component_subfolders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    pipeline_class_name = "FluxPipeline"
+    scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
+    text_components = (
+        TextComponent("text_encoder", "tokenizer", "CLIPTextModel", "clip_l"),
+        TextComponent("text_encoder_2", "tokenizer_2", "T5EncoderModel", "t5"),
+    )
     #: the transformer's timestep argument is σ itself
     timestep_scale = 1.0
 
-    def _load_text(self) -> dict[str, Any]:
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-        return {
-            "tokenizer": self._load(AutoTokenizer, "tokenizer"),
-            "tokenizer_2": self._load(AutoTokenizer, "tokenizer_2"),
-            "text_encoder": self._load(CLIPTextModel, "text_encoder", self.text_dtype, self.text_device),
-            "text_encoder_2": self._load(T5EncoderModel, "text_encoder_2", self.text_dtype, self.text_device),
-        }
+    @classmethod
+    def denoiser_widths(cls, text: Mapping[str, Mapping[str, Any]], latent_channels: int, latent_size: int,
+                        denoiser: Mapping[str, Any]) -> dict[str, Any]:
+        """Input width = 4 · latent channels (2×2 packing); joint width = T5 d_model; pooled width = CLIP-L hidden
+        (the pipeline uses its pooler output); the teacher has FLUX.1-dev's guidance embedding."""
+        rope = [int(a) for a in denoiser.get("axes_dims_rope", ())]
+        if rope and sum(rope) != int(denoiser["attention_head_dim"]):
+            raise ValueError(f"flux: denoiser.axes_dims_rope {rope} must sum to attention_head_dim "
+                             f"{denoiser['attention_head_dim']}")
+        return dict(in_channels=4 * latent_channels, out_channels=None, joint_attention_dim=int(text["t5"]["d_model"]),
+                    pooled_projection_dim=int(text["clip_l"]["hidden_size"]), guidance_embeds=True)
 
     def block_types(self) -> tuple[type, ...]:
         from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
         return (FluxTransformerBlock, FluxSingleTransformerBlock)
 
-    def _latent_multiple(self) -> int:
+    @classmethod
+    def latent_multiple(cls, denoiser_config: Mapping[str, Any]) -> int:
         return 2  # 2×2 packing
 
     # ---- schedule ------------------------------------------------------------------------------------------
@@ -92,7 +100,7 @@ class FluxFamily(DiffusersFamily):
         _, h, w = self.latent_shape(height, width)
         return flow_schedule_from_config(self.scheduler_config, self.timestep_scale, (h // 2) * (w // 2))
 
-    # ---- student (decision 4) ------------------------------------------------------------------------------
+    # ---- student (docs/method.md, decision 4) --------------------------------------------------------------
     def build_student(self, teacher: nn.Module) -> nn.Module:
         """The teacher's transformer rebuilt with ``guidance_embeds=False``, in fp32, trainable.
 
@@ -103,7 +111,7 @@ class FluxFamily(DiffusersFamily):
             net = self.denoiser_class.from_pretrained(str(self.student_path), torch_dtype=torch.float32, local_files_only=True)
             if net.config.guidance_embeds:
                 raise ValueError(f"flux: student at {str(self.student_path)!r} has guidance_embeds=True; "
-                                 "the student and fake score must have no guidance embedding (decision 4)")
+                                 "student and fake score must have no guidance embedding (docs/method.md, decision 4)")
             return net.to(next(unwrap(teacher).parameters()).device).train().requires_grad_(True)
         from accelerate import init_empty_weights
 
@@ -117,8 +125,7 @@ class FluxFamily(DiffusersFamily):
         return net.to(torch.float32).train().requires_grad_(True)
 
     # ---- text ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], original_sizes: Tensor | None = None,
+    def encode_text(self, prompts: Sequence[str], original_sizes: Tensor | None = None,
                        crop_coords: Tensor | None = None) -> Condition:
         """pooled = CLIP-L pooler_output, prompt_embeds = T5 last hidden state, text_ids = zeros (§12).
 
@@ -172,5 +179,5 @@ class FluxFamily(DiffusersFamily):
         """FLUX.1-dev guidance: the distilled-guidance embedding set to ``scale`` (no CFG, one forward)."""
         if not self.has_guidance_embedding(net):
             raise ValueError("flux: guided_predict needs a guidance-distilled transformer (guidance_embeds=True); "
-                             "the student has none (decision 4)")
+                             "the student has none (docs/method.md, decision 4)")
         return self.predict(net, x, tau, cond, guidance=scale)

@@ -5,7 +5,7 @@ component is loaded with ``from_pretrained(path, subfolder=..., local_files_only
 from a hub. All subfolders are checked *before* any weight is read, so a wrong path fails in milliseconds with a
 message naming the folder and the missing piece.
 
-Latent normalisation (METHOD.md §2): z_norm = (z − shift)·scale with the VAE config's ``scaling_factor`` and
+Latent normalisation (docs/method.md §2): z_norm = (z − shift)·scale with the VAE config's ``scaling_factor`` and
 ``shift_factor`` (shift may be absent: SDXL z·0.13025; SD3.5 (z − 0.0609)·1.5305; FLUX (z − 0.1159)·0.3611).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from senseflow.method.schedules import FlowSchedule, expand_like, flux_mu
-from senseflow.models.families.base import Condition, TeacherFamily
+from senseflow.models.families.base import Condition, TeacherFamily, TextComponent
 
 __all__ = [
     "check_folder",
@@ -133,8 +133,11 @@ class DiffusersFamily(TeacherFamily):
         t5_max_length: T5 token length (families with a T5 encoder; default ``default_t5_max_length``).
     """
 
-    #: component subfolders that must exist (besides the denoiser's)
-    component_subfolders: tuple[str, ...] = ()
+    #: the text encoders and tokenizers of the family's pipeline
+    text_components: tuple[TextComponent, ...] = ()
+    #: the stock diffusers pipeline and scheduler classes of the family
+    pipeline_class_name: str
+    scheduler_class_name: str
     #: name of the denoiser's diffusers class (resolved at construction, so importing a family stays cheap)
     denoiser_class_name: str
     #: T5 token length when the family has a T5 encoder (SD3.5: 77, FLUX.1-dev: 512; §12), else None
@@ -155,7 +158,7 @@ class DiffusersFamily(TeacherFamily):
         import diffusers
 
         self.denoiser_class = getattr(diffusers, self.denoiser_class_name)
-        self.path = check_folder(path, ("scheduler", "vae", self.denoiser_subfolder, *self.component_subfolders))
+        self.path = check_folder(path, ("scheduler", "vae", self.denoiser_subfolder, *self.component_subfolders()))
         self.student_path = self._check_student(student_path) if student_path is not None else None
         self.device = torch.device(device)
         self.text_device = torch.device(text_device) if text_device is not None else self.device
@@ -178,6 +181,18 @@ class DiffusersFamily(TeacherFamily):
         self._uncond: Condition | None = None
 
     # ---- folders -------------------------------------------------------------------------------------------
+    @classmethod
+    def component_subfolders(cls) -> tuple[str, ...]:
+        """Text subfolders that must exist (besides scheduler, vae and the denoiser's)."""
+        return tuple(name for c in cls.text_components for name in (c.encoder, c.tokenizer))
+
+    @classmethod
+    def denoiser_widths(cls, text: Mapping[str, Mapping[str, Any]], latent_channels: int, latent_size: int,
+                        denoiser: Mapping[str, Any]) -> dict[str, Any]:
+        """The denoiser config entries that the other components fix (channel counts, text widths, sizes), for a
+        teacher built from scratch; ``text`` maps each :class:`TextComponent` section to its config."""
+        raise NotImplementedError
+
     def _check_student(self, student_path: str | Path) -> Path:
         root = Path(student_path).expanduser()
         if (root / self.denoiser_subfolder / "config.json").is_file():
@@ -215,7 +230,14 @@ class DiffusersFamily(TeacherFamily):
         return self._text
 
     def _load_text(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Every tokenizer (``AutoTokenizer``) and text encoder (its :class:`TextComponent` class) of the folder."""
+        import transformers
+
+        text: dict[str, Any] = {}
+        for c in self.text_components:
+            text[c.tokenizer] = self._load(transformers.AutoTokenizer, c.tokenizer)
+            text[c.encoder] = self._load(getattr(transformers, c.class_name), c.encoder, self.text_dtype, self.text_device)
+        return text
 
     def block_types(self) -> tuple[type, ...]:
         """Denoiser block classes, one FSDP unit each."""
@@ -237,7 +259,7 @@ class DiffusersFamily(TeacherFamily):
         return self._load(self.denoiser_class, self.denoiser_subfolder, torch.float32, device)
 
     def build_student(self, teacher: nn.Module) -> nn.Module:
-        """A trainable fp32 copy of the teacher (G or F; decision 2: fp32 master weights).
+        """A trainable fp32 copy of the teacher (G or F; docs/method.md decision 2: fp32 master weights).
 
         From ``student_path`` when given, else the teacher's own weights (see :meth:`_teacher_fp32`).
         """
@@ -267,9 +289,14 @@ class DiffusersFamily(TeacherFamily):
         shift = self.vae_config.get("shift_factor")
         return 0.0 if shift is None else float(shift)
 
-    def _latent_multiple(self) -> int:
-        """Latent sides must be multiples of this (patch size / 2×2 packing)."""
+    @classmethod
+    def latent_multiple(cls, denoiser_config: Mapping[str, Any]) -> int:
+        """Latent sides must be multiples of this for a denoiser of ``denoiser_config`` (patch size, 2×2 packing,
+        UNet downsampling)."""
         return 1
+
+    def _latent_multiple(self) -> int:
+        return self.latent_multiple(self.denoiser_config)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) = (latent channels, height/f, width/f), f the VAE scale factor."""
@@ -291,6 +318,25 @@ class DiffusersFamily(TeacherFamily):
         return self.vae.decode(z.to(self.vae_dtype)).sample.to(latents.dtype)
 
     # ---- conditions ----------------------------------------------------------------------------------------
+    def encode_text(self, prompts: Sequence[str], original_sizes: Tensor | None = None,
+                    crop_coords: Tensor | None = None) -> Condition:
+        """The family's prompt encoding (docs/method.md §12), differentiable w.r.t. the text encoders (a teacher
+        being trained updates them through it)."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: Sequence[str], original_sizes: Tensor | None = None,
+                       crop_coords: Tensor | None = None) -> Condition:
+        """:meth:`encode_text` without gradients (what distillation, inference and evaluation use)."""
+        with torch.no_grad():
+            return self.encode_text(prompts, original_sizes, crop_coords)
+
+    def training_condition(self, prompts: Sequence[str], drop: Tensor, original_sizes: Tensor | None = None,
+                           crop_coords: Tensor | None = None) -> Condition:
+        """The condition a CFG teacher is trained with: captions where ``drop[i]`` is set are replaced by the
+        family's unconditional input (here the empty prompt "", as the stock pipelines' negative prompt)."""
+        kept = [p if not bool(d) else "" for p, d in zip(prompts, drop.tolist())]
+        return self.encode_text(kept, original_sizes, crop_coords)
+
     def _tokenize(self, tokenizer: Any, prompts: Sequence[str], max_length: int) -> Tensor:
         return tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
                          return_tensors="pt").input_ids.to(self.text_device)
@@ -311,6 +357,10 @@ class DiffusersFamily(TeacherFamily):
 
     # ---- guidance ------------------------------------------------------------------------------------------
     def guided_predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: Tensor | float) -> Tensor:
+        """The teacher's guided prediction: classifier-free guidance (:meth:`cfg_predict`)."""
+        return self.cfg_predict(net, x, tau, cond, scale)
+
+    def cfg_predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: Tensor | float) -> Tensor:
         """Classifier-free guidance u + s·(c − u), with u and c from one batched forward of [uncond; cond].
 
         ``scale`` is a float or a per-sample [B] tensor.

@@ -1,6 +1,6 @@
 """SD3 / SD3.5 family (Medium and Large are presets of one family): MMDiT, rectified flow, static shift.
 
-Text conditioning (METHOD.md §12):
+Text conditioning (docs/method.md §12):
 
 * CLIP part: [h₋₂(CLIP-L) ; h₋₂(CLIP-G)] on channels (77 tokens; 768 + 1280 = 2048 for the real teacher),
   zero-padded on the channel axis to the T5 width (4096). A CLIP width larger than the T5 width is an error
@@ -14,14 +14,14 @@ The transformer takes the timestep 1000·σ; it predicts the velocity v ≈ ε �
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from senseflow.method.schedules import Schedule
-from senseflow.models.families.base import Condition
+from senseflow.models.families.base import Condition, TextComponent
 from senseflow.models.families.loading import DiffusersFamily, flow_schedule_from_config
 
 __all__ = ["SD3Family"]
@@ -35,21 +35,18 @@ class SD3Family(DiffusersFamily):
     denoiser_subfolder = "transformer"
     denoiser_class_name = "SD3Transformer2DModel"
     default_t5_max_length = 77
-    component_subfolders = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
+    text_components = (
+        TextComponent("text_encoder", "tokenizer", "CLIPTextModelWithProjection", "clip_l"),
+        TextComponent("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g"),
+        TextComponent("text_encoder_3", "tokenizer_3", "T5EncoderModel", "t5"),
+    )
     #: the transformer's timestep argument is timestep_scale·σ
     timestep_scale = 1000.0
 
     def _load_text(self) -> dict[str, Any]:
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
-        text = {
-            "tokenizer": self._load(AutoTokenizer, "tokenizer"),
-            "tokenizer_2": self._load(AutoTokenizer, "tokenizer_2"),
-            "tokenizer_3": self._load(AutoTokenizer, "tokenizer_3"),
-            "text_encoder": self._load(CLIPTextModelWithProjection, "text_encoder", self.text_dtype, self.text_device),
-            "text_encoder_2": self._load(CLIPTextModelWithProjection, "text_encoder_2", self.text_dtype, self.text_device),
-            "text_encoder_3": self._load(T5EncoderModel, "text_encoder_3", self.text_dtype, self.text_device),
-        }
+        text = super()._load_text()
         clip_width = text["text_encoder"].config.hidden_size + text["text_encoder_2"].config.hidden_size
         t5_width = text["text_encoder_3"].config.d_model
         if clip_width > t5_width:
@@ -59,13 +56,33 @@ class SD3Family(DiffusersFamily):
             )
         return text
 
+    @classmethod
+    def denoiser_widths(cls, text: Mapping[str, Mapping[str, Any]], latent_channels: int, latent_size: int,
+                        denoiser: Mapping[str, Any]) -> dict[str, Any]:
+        """Joint attention width = T5 d_model (≥ CLIP-L + CLIP-G hidden, which are zero-padded to it); pooled width =
+        CLIP-L + CLIP-G projections; caption projection = heads · head dim; positions cover the latent's patches."""
+        clip = int(text["clip_l"]["hidden_size"]) + int(text["clip_g"]["hidden_size"])
+        t5 = int(text["t5"]["d_model"])
+        if clip > t5:
+            raise ValueError(f"sd3: text_encoders clip_l.hidden_size + clip_g.hidden_size = {clip} exceeds "
+                             f"t5.d_model = {t5} (the pipeline zero-pads CLIP to the T5 width and would crop it)")
+        patch = int(denoiser.get("patch_size", 2))
+        return dict(
+            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+            joint_attention_dim=t5,
+            caption_projection_dim=int(denoiser["num_attention_heads"]) * int(denoiser["attention_head_dim"]),
+            pooled_projection_dim=int(text["clip_l"]["projection_dim"]) + int(text["clip_g"]["projection_dim"]),
+            pos_embed_max_size=latent_size // patch,
+        )
+
     def block_types(self) -> tuple[type, ...]:
         from diffusers.models.attention import JointTransformerBlock
 
         return (JointTransformerBlock,)
 
-    def _latent_multiple(self) -> int:
-        return int(self.denoiser_config.get("patch_size", 2))
+    @classmethod
+    def latent_multiple(cls, denoiser_config: Mapping[str, Any]) -> int:
+        return int(denoiser_config.get("patch_size", 2))
 
     # ---- schedule ------------------------------------------------------------------------------------------
     def schedule(self, height: int, width: int) -> Schedule:
@@ -75,8 +92,7 @@ class SD3Family(DiffusersFamily):
         return flow_schedule_from_config(self.scheduler_config, self.timestep_scale, (h // p) * (w // p))
 
     # ---- text ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], original_sizes: Tensor | None = None,
+    def encode_text(self, prompts: Sequence[str], original_sizes: Tensor | None = None,
                        crop_coords: Tensor | None = None) -> Condition:
         """[pad([h₋₂(CLIP-L) ; h₋₂(CLIP-G)]) ; T5] on the sequence axis, pooled = [proj L ; proj G] (§12).
 

@@ -1,6 +1,6 @@
 """SDXL family: UNet with ε-prediction on a DDPM schedule, two CLIP text encoders and size/crop micro-conditioning.
 
-Text conditioning (METHOD.md §12):
+Text conditioning (docs/method.md §12):
 
 * prompt_embeds = [h₋₂(CLIP-L) ; h₋₂(CLIP-G)] on the channel axis (penultimate hidden states, 77 tokens):
   (B, 77, 768 + 1280) for the real teacher;
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from senseflow.method.schedules import DDPMSchedule, Schedule
-from senseflow.models.families.base import Condition
+from senseflow.models.families.base import Condition, TextComponent
 from senseflow.models.families.loading import DiffusersFamily
 
 __all__ = ["SDXLFamily"]
@@ -48,7 +48,12 @@ class SDXLFamily(DiffusersFamily):
     name = "sdxl"
     denoiser_subfolder = "unet"
     denoiser_class_name = "UNet2DConditionModel"
-    component_subfolders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    scheduler_class_name = "EulerDiscreteScheduler"
+    text_components = (
+        TextComponent("text_encoder", "tokenizer", "CLIPTextModel", "clip_l"),
+        TextComponent("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g"),
+    )
 
     def __init__(
         self,
@@ -70,15 +75,23 @@ class SDXLFamily(DiffusersFamily):
                 f"{self.scheduler_config.get('prediction_type')!r}; only 'epsilon' is supported"
             )
 
-    def _load_text(self) -> dict[str, Any]:
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    @classmethod
+    def denoiser_widths(cls, text: Mapping[str, Mapping[str, Any]], latent_channels: int, latent_size: int,
+                        denoiser: Mapping[str, Any]) -> dict[str, Any]:
+        """UNet cross-attention width = CLIP-L hidden + CLIP-G hidden; added-embedding input = 6 time ids ·
+        ``addition_time_embed_dim`` + CLIP-G projection; ``text_time`` micro-conditioning."""
+        return dict(
+            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+            addition_embed_type="text_time",
+            cross_attention_dim=int(text["clip_l"]["hidden_size"]) + int(text["clip_g"]["hidden_size"]),
+            projection_class_embeddings_input_dim=6 * int(denoiser["addition_time_embed_dim"])
+            + int(text["clip_g"]["projection_dim"]),
+        )
 
-        return {
-            "tokenizer": self._load(AutoTokenizer, "tokenizer"),
-            "tokenizer_2": self._load(AutoTokenizer, "tokenizer_2"),
-            "text_encoder": self._load(CLIPTextModel, "text_encoder", self.text_dtype, self.text_device),
-            "text_encoder_2": self._load(CLIPTextModelWithProjection, "text_encoder_2", self.text_dtype, self.text_device),
-        }
+    @classmethod
+    def latent_multiple(cls, denoiser_config: Mapping[str, Any]) -> int:
+        """Each UNet level after the first halves the latent: 2^(levels − 1)."""
+        return 2 ** (len(denoiser_config.get("block_out_channels", (0,))) - 1)
 
     def block_types(self) -> tuple[type, ...]:
         from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UpBlock2D
@@ -98,8 +111,7 @@ class SDXLFamily(DiffusersFamily):
         target = torch.tensor([self.target_size], dtype=torch.float32).expand(batch, 2)
         return torch.cat([orig, crop, target], dim=1).to(self.device)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], original_sizes: Tensor | Sequence | None = None,
+    def encode_text(self, prompts: Sequence[str], original_sizes: Tensor | Sequence | None = None,
                        crop_coords: Tensor | Sequence | None = None) -> Condition:
         """[h₋₂(CLIP-L) ; h₋₂(CLIP-G)], pooled = CLIP-G projection, time ids from sizes and crops (§12)."""
         prompts = list(prompts)
@@ -120,6 +132,14 @@ class SDXLFamily(DiffusersFamily):
         """Zeros for prompt_embeds and pooled (the SDXL reference's unconditional branch)."""
         c = self.encode_prompts([""])
         return replace(c, prompt_embeds=torch.zeros_like(c.prompt_embeds), pooled=torch.zeros_like(c.pooled))
+
+    def training_condition(self, prompts: Sequence[str], drop: Tensor, original_sizes: Tensor | Sequence | None = None,
+                           crop_coords: Tensor | Sequence | None = None) -> Condition:
+        """Dropped captions get zero prompt embeddings and pooled vector (SDXL's unconditional input), the time
+        ids of their image."""
+        c = self.encode_text(prompts, original_sizes, crop_coords)
+        keep = (~drop.to(torch.bool)).to(c.prompt_embeds.device, c.prompt_embeds.dtype)
+        return replace(c, prompt_embeds=c.prompt_embeds * keep[:, None, None], pooled=c.pooled * keep[:, None])
 
     def _unconditional_like(self, cond: Condition) -> Condition:
         """Zeros with the conditional branch's own time ids."""
