@@ -42,6 +42,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
     "ConfigError",
+    "FAMILY_GUIDANCE",
     "SenseFlowConfig",
     "ExperimentConfig",
     "TeacherConfig",
@@ -129,10 +130,11 @@ class TimestepSamplerConfig:
 
 @dataclass
 class GuidanceConfig:
-    """Teacher guidance scale s ~ U(min, max) drawn once per call; ``cfg`` = classifier-free guidance,
-    ``embedding`` = FLUX.1-dev's distilled guidance input."""
+    """Teacher guidance scale s ~ U(min, max) drawn once per call. ``kind`` states how the teacher family guides and
+    must match it (:data:`FAMILY_GUIDANCE`): ``cfg`` = classifier-free guidance (SDXL, SD3.5), ``embedding`` =
+    FLUX.1-dev's distilled guidance input."""
 
-    kind: str = "cfg"  # cfg | embedding
+    kind: str = "cfg"  # cfg | embedding: must be the teacher family's (FAMILY_GUIDANCE)
     min: float = 2.0
     max: float = 8.0
 
@@ -168,7 +170,7 @@ class ISGConfig:
     margin: int = 50  # mid-point margin from both segment ends
     margin_space: str = "index"  # index (grid index) | timestep (units of the net timestep: 1000σ or DDPM t)
     last_segment_end: str = "zero"  # zero | grid_start (reference SD3.5: σ₄ = first grid σ, §8.1)
-    sdxl_mode: str = "intended"  # intended | reference (§8.2, decision 3)
+    sdxl_mode: str = "intended"  # intended | reference (§8.2, decision 3); SDXL only: other families need intended
     midpoint_model: str = "generator"  # generator (§8, the paper) | teacher (ablation: two-step teacher target)
 
 
@@ -255,7 +257,6 @@ class TrainConfig:
     log_interval: int = 15
     preview_interval: int = 500  # 0 = no previews
     preview_prompts: list[str] = field(default_factory=list)
-    preview_steps: int = 4
     save_interval: int = 3000
     keep_last: int = 3  # checkpoints kept; 0 = keep all
     device: str = "auto"  # auto | cpu | cuda
@@ -292,6 +293,12 @@ class SenseFlowConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+
+#: how each teacher family's guided prediction works (``TeacherFamily.guided_predict``): classifier-free guidance
+#: u + s·(c − u) for SDXL and SD3.5, the distilled guidance embedding for FLUX.1-dev. ``method.*.guidance.kind`` must
+#: name it (checked by :func:`validate`, so a mismatch fails before any model loads).
+FAMILY_GUIDANCE: dict[str, str] = {"sdxl": "cfg", "sd3": "cfg", "flux": "embedding"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -615,7 +622,6 @@ _RULES: dict[str, _Rule] = {
     "train.ema.warmup": _Rule(lambda v: v >= 0, "a number >= 0 (0: no warm-up)"),
     "train.log_interval": _at_least(1, "an integer"),
     "train.preview_interval": _NON_NEGATIVE_INT,
-    "train.preview_steps": _at_least(1, "an integer"),
     "train.save_interval": _at_least(1, "an integer"),
     "train.keep_last": _NON_NEGATIVE_INT,
     "train.device": _one_of("auto", "cpu", "cuda"),
@@ -672,8 +678,12 @@ def validate(cfg: SenseFlowConfig, sources: dict[str, str] | None = None) -> Non
     for prefix in ("method.dmd.guidance", "method.isg.guidance"):
         guidance = _get(cfg, prefix)
         need(guidance.max >= guidance.min, f"{prefix}.max", f"a number >= {prefix}.min ({guidance.min:g})")
-        need(guidance.kind != "embedding" or cfg.teacher.family == "flux", f"{prefix}.kind",
-             f"'cfg' for teacher.family={cfg.teacher.family} (only FLUX teachers have a guidance embedding)")
+        kind = FAMILY_GUIDANCE[cfg.teacher.family]
+        why = ("FLUX.1-dev teachers guide with their distilled guidance embedding, not CFG" if kind == "embedding"
+               else "only FLUX teachers have a guidance embedding")
+        need(guidance.kind == kind, f"{prefix}.kind", f"'{kind}' for teacher.family={cfg.teacher.family} ({why})")
+    need(cfg.method.isg.sdxl_mode == "intended" or cfg.teacher.family == "sdxl", "method.isg.sdxl_mode",
+         f"'intended' for teacher.family={cfg.teacher.family} (the 'reference' reduction is the SDXL trainer's, §8.2)")
 
     need(cfg.optimizer.decay != "cosine" or cfg.optimizer.decay_steps > 0, "optimizer.decay",
          "'none' unless optimizer.decay_steps > 0 (cosine decays over that many iterations after the warm-up)")

@@ -612,12 +612,7 @@ def _discriminator(cfg: Any, dino: nn.Module, c_dim: int) -> tuple[nn.Module | N
         from senseflow.models.discriminator import VFMDiscriminator
 
         with torch.device("meta"), _no_power_iterations():
-            if hasattr(VFMDiscriminator, "from_config"):
-                return VFMDiscriminator.from_config(dino, c_dim, d), ""
-            return VFMDiscriminator(dino, c_dim, list(d.hooks), cmap_dim=d.cmap_dim, downsample=d.downsample,
-                                    virtual_batch=d.virtual_batch, augment_policy=tuple(d.diffaug),
-                                    translation_ratio=d.translation_ratio, cutout_ratio=d.cutout_ratio,
-                                    resize_to=d.resolution), ""
+            return VFMDiscriminator.from_config(dino, c_dim, d), ""  # the trainer's constructor path
     except Exception as exc:  # fall back to the analytic head count of docs/method.md §9.1
         return None, f"discriminator heads counted analytically (VFMDiscriminator could not be built: {exc})"
 

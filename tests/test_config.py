@@ -392,6 +392,46 @@ def test_out_of_range_values_name_key_origin_and_expectation(override, needles):
         load_config(SD35M, [override])
 
 
+def test_deleted_keys_are_unknown():
+    """train.preview_steps was never read (previews sample with the anchors): it is no key of the schema."""
+    assert "train.preview_steps" not in schema_keys()
+    with raises_config_error("unknown key 'train.preview_steps'", "command-line override"):
+        load_config(SD35M, ["train.preview_steps=4"])
+
+
+@pytest.mark.parametrize("section", ["dmd", "isg"])
+def test_guidance_kind_must_be_the_teacher_familys(section):
+    """method.*.guidance.kind states how the family guides: FLUX with the embedding, SDXL and SD3.5 with CFG."""
+    key = f"method.{section}.guidance.kind"
+    with raises_config_error(f"{key} = 'cfg'", "expected 'embedding' for teacher.family=flux", "guidance embedding"):
+        load_config(PRESETS["flux"], [f"{key}=cfg"])
+    for name in ("sd35m", "sdxl"):
+        with raises_config_error(f"{key} = 'embedding'", "expected 'cfg'", "only FLUX teachers"):
+            load_config(PRESETS[name], [f"{key}=embedding"])
+
+
+def test_family_guidance_table_matches_the_families_guided_prediction():
+    """FAMILY_GUIDANCE (what validation demands) agrees with each family's guided_predict: CFG is the shared
+    DiffusersFamily implementation (cfg_predict), FLUX overrides it with the guidance embedding."""
+    from senseflow.config import FAMILY_GUIDANCE
+    from senseflow.models.families import FAMILY_NAMES, get_family
+    from senseflow.models.families.loading import DiffusersFamily
+
+    assert sorted(FAMILY_GUIDANCE) == sorted(FAMILY_NAMES)
+    for name, kind in FAMILY_GUIDANCE.items():
+        cls = get_family(name)
+        assert cls.name == name
+        uses_cfg = cls.guided_predict is DiffusersFamily.guided_predict
+        assert uses_cfg == (kind == "cfg"), name
+
+
+def test_sdxl_mode_reference_is_for_sdxl_teachers_only():
+    assert load_config(PRESETS["sdxl"], ["method.isg.sdxl_mode=reference"]).method.isg.sdxl_mode == "reference"
+    for name in ("sd35m", "flux"):
+        with raises_config_error("method.isg.sdxl_mode = 'reference'", "'intended' for teacher.family="):
+            load_config(PRESETS[name], ["method.isg.sdxl_mode=reference"])
+
+
 def test_range_error_names_the_file_that_set_the_value(tmp_path):
     with raises_config_error("method.gd = 0", "bad.yaml", ">= 1"):
         load_config(child_of_preset(tmp_path, "method:\n  gd: 0\n"))

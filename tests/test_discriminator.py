@@ -199,3 +199,38 @@ def test_loading_backbones_from_local_folders(tmp_path):
     text = TextConditioner(bb.text_model, bb.tokenizer, max_length=8)
     c = text(["a cat", "a dog"])
     assert d(images(2), c, d.reference_features(images(2, seed=3))).shape == (2, 2 * 16)
+
+
+def test_kernel_size_sets_the_residual_basic_blocks_and_3_is_todays_network():
+    """discriminator.kernel_size is k of the heads' residual basic blocks (§9.1); the first block stays 1×1 and the
+    stride-2 convs 3×3. k = 3 is the default and builds the same network as before the key was wired."""
+    d5 = tiny_disc(kernel_size=5)
+    for stack in (d5.heads[0].main, d5.heads[0].refmapper[0]):
+        convs = [m for m in stack.modules() if isinstance(m, torch.nn.Conv2d)]
+        # downsample 2: Block₁ → SNConv₃ stride 2 → Res(Block_k) → SNConv₃ stride 2
+        assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (5, 5), (3, 3)]
+        assert convs[2].weight.shape == (32, 32, 5, 5) and convs[2].padding == (2, 2)
+    x = images(2, seed=0)
+    assert d5(x, torch.randn(2, C_DIM), d5.reference_features(images(2, seed=1))).shape == (2, 12)
+    default, explicit = tiny_disc().state_dict(), tiny_disc(kernel_size=3).state_dict()
+    assert default.keys() == explicit.keys() and all(torch.equal(default[k], explicit[k]) for k in default)
+    assert default["heads.0.main.2.fn.0.parametrizations.weight.original"].shape == (32, 32, 3, 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        tiny_disc(kernel_size=4)
+
+
+def test_from_config_passes_every_key_of_the_discriminator_section():
+    """The trainer and the memory plan build D with from_config: hook_patch, kernel_size and the head sizes arrive."""
+    from senseflow.config import DiscriminatorConfig
+
+    section = DiscriminatorConfig(hooks=[1, 3], cmap_dim=16, downsample=2, virtual_batch=4, kernel_size=5,
+                                  hook_patch=False, diffaug=["color"], translation_ratio=0.25, cutout_ratio=0.5,
+                                  resolution=64)
+    torch.manual_seed(1)
+    d = VFMDiscriminator.from_config(tiny_dino(), C_DIM, section)
+    direct = tiny_disc(cmap_dim=16, downsample=2, virtual_batch=4, kernel_size=5, use_embedding=False).state_dict()
+    assert [k for k, v in d.state_dict().items() if not torch.equal(direct[k], v)] == []
+    assert len(d.heads) == 2 and not d.use_embedding and d.hooks == [1, 3]
+    assert d.heads[0].main[2].fn[0].parametrizations.weight.original.shape == (32, 32, 5, 5)
+    assert d.heads[0].main[0][1].virtual_batch == 4 and d.heads[0].cmap_dim == 16
+    assert (d.augment_policy, d.translation_ratio, d.cutout_ratio, d.resize_to) == (("color",), 0.25, 0.5, (64, 64))

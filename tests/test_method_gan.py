@@ -72,3 +72,46 @@ def test_generator_gradient_raises_fake_logits_and_zero_weight_switches_off():
 def test_weight_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="does not match batch"):
         generator_hinge_loss(torch.zeros(2, 3), torch.ones(3))
+
+
+# ---- which reference column: the teacher family, not how the anchors are given (§10) ----------------------------------
+def _distiller(family_name: str, schedule, anchors, time_weight: str):
+    from method_toys import AffineField, ToyFamily
+    from senseflow.config import MethodConfig
+    from senseflow.method.distill import Distiller
+
+    method = MethodConfig()
+    method.gan.time_weight = time_weight
+    family = ToyFamily(schedule)
+    family.name = family_name
+    net = AffineField(0.1, 0.0)
+    return Distiller(method, family, schedule, anchors, net, net, net)
+
+
+def _weights(distiller, anchors):
+    return [float(distiller.time_weight(anchors[k : k + 1], k)) for k in range(len(anchors))]
+
+
+def test_reference_time_weight_follows_the_family_whatever_schedule_anchors_is():
+    sd35 = FlowSchedule(timestep_scale=1000.0, shift=3.0)
+    misindexed = [9.0e-6, 0.2513, 0.5636, 0.8109]
+    for anchors in (sd35.anchors(indices=[999, 749, 499, 249]), sd35.anchors(explicit=[1.0, 0.9, 0.75, 0.5])):
+        d = _distiller("sd3", sd35, anchors, "reference")
+        assert d.gan_anchor_indices == [999, 749, 499, 249]  # anchors: null gives the preset's indices unchanged
+        assert _weights(d, anchors) == pytest.approx(misindexed, abs=5e-5)
+        paper = _weights(_distiller("sd3", sd35, anchors, "paper"), anchors)
+        assert paper == pytest.approx([0.0, 0.01, 0.0625, 0.25], abs=1e-6)
+    flux = FlowSchedule(timestep_scale=1.0, mu=1.15)
+    expected = [0.0, 0.00922, 0.05808, 0.23814]
+    for anchors in (flux.anchors(indices=[999, 749, 499, 249]), flux.anchors(explicit=[1.0, 0.904, 0.759, 0.512])):
+        d = _distiller("flux", flux, anchors, "reference")
+        assert d.gan_anchor_indices is None
+        assert _weights(d, anchors) == pytest.approx([(1 - float(s)) ** 2 for s in anchors], abs=1e-7)
+    assert _weights(d, anchors) == pytest.approx(expected, abs=5e-6)
+    sdxl = DDPMSchedule.from_scheduler_config(
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    )
+    t = sdxl.anchors(indices=[999, 749, 499, 249])
+    d = _distiller("sdxl", sdxl, t, "reference")
+    assert d.gan_anchor_indices is None
+    assert _weights(d, t) == pytest.approx([0.0683, 0.2380, 0.5269, 0.8218], abs=5e-5)

@@ -95,6 +95,25 @@ def test_options_validation_and_config_reading():
         ISGOptions.from_config({"margin": 50})
 
 
+def test_config_key_sdxl_mode_reaches_the_options_the_distiller_gets():
+    """method.isg.sdxl_mode is the option ``mode``: read by from_config and by the Distiller (one path)."""
+    from pathlib import Path
+
+    from senseflow.config import load_config
+    from senseflow.method.distill import Distiller
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "sdxl" / "sdxl_senseflow.yaml"
+    s = sdxl_schedule()
+    anchors = s.anchors(indices=[999, 749, 499, 249])
+    for mode in ("intended", "reference"):
+        cfg = load_config(preset, [f"method.isg.sdxl_mode={mode}"])
+        assert ISGOptions.from_config(cfg.method.isg).mode == mode
+        net = AffineField(0.1, 0.0)
+        distiller = Distiller(cfg.method, ToyFamily(s), s, anchors, net, net, net)
+        assert distiller.isg_options == ISGOptions(margin=20, margin_space="timestep", mode=mode)
+    assert ISGOptions.from_config({"margin": 20, "margin_space": "index", "sdxl_mode": "reference"}).mode == "reference"
+
+
 # ---- the flow target, by hand ---------------------------------------------------------------------------------------
 def test_flow_isg_target_equals_hand_computed_two_step_construction():
     """Teacher v_T = 2x + σ + s·p (CFG with p = 0.1, s = 3), generator v_G = 0.5x − σ + p, segment σ 0.75 → 0.5.

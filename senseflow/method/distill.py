@@ -84,12 +84,9 @@ class Distiller:
         self.use_gan = bool(method_cfg.gan.enabled) and discriminator is not None
         self.use_isg = bool(method_cfg.isg.enabled)
         self.use_cls = bool(method_cfg.dmd2_cls.enabled) and dmd2_head is not None
-        i = method_cfg.isg
-        self.isg_options = ISGOptions(
-            margin=int(i.margin), margin_space=str(i.margin_space), loss=str(i.loss), huber_c=float(i.huber_c),
-            last_segment_end=str(i.last_segment_end), mode=str(i.sdxl_mode),
-            midpoint_model=str(i.midpoint_model),
-        )
+        self.isg_options = ISGOptions.from_config(method_cfg.isg)
+        # grid indices for the reference GAN weight of the families that read the σ table at them (§10: SD3.5)
+        self.gan_anchor_indices = gan.reference_anchor_indices(getattr(family, "name", None), schedule, anchors)
 
     # ---- shared draws ------------------------------------------------------------------------------------
     def draw_decisions(self, rng: RunRNG) -> Decisions:
@@ -158,9 +155,8 @@ class Distiller:
         return gan.gan_time_weight(self.schedule, tau_k, str(self.cfg.gan.time_weight), self.anchor_index(k))
 
     def anchor_index(self, k: int) -> int | None:
-        """The grid index of anchor k when anchors come from grid indices (used by the reference weights)."""
-        indices = getattr(self, "anchor_indices", None)
-        return None if indices is None else int(indices[k])
+        """The grid index of anchor k for the teacher families whose reference weight reads the table at it."""
+        return None if self.gan_anchor_indices is None else self.gan_anchor_indices[k]
 
     # ---- fake score (§6) -------------------------------------------------------------------------------------
     def fake_loss(self, mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:

@@ -12,9 +12,11 @@ The same w(τ_k) weighs the generator term and both discriminator terms.
 Time weights (docs/method.md, decision 3):
 
 * ``paper``: ω = (1 − σ)² for flow teachers and ᾱ_t for DDPM teachers (α_t² with α_t = √ᾱ_t);
-* ``reference``: §10 as coded: DDPM √ᾱ_t (power 1); flow (1 − σ)², except where the anchors are grid indices
-  (SD3.5, pass ``anchor_index``), where the code reads the *descending* table at the *ascending* index:
+* ``reference``: §10 as coded, per teacher family: DDPM (SDXL) √ᾱ_t (power 1); FLUX (1 − σ)²; SD3.5 reads the
+  *descending* table at the *ascending* grid index i of the anchor (pass ``anchor_index``):
   w = σ_desc[i]² = ``tau_from_index(N − 1 − i)``² = s₃((N − i)/N)² (≈ 9.0e-6, 0.2513, 0.5636, 0.8109).
+  :func:`reference_anchor_indices` gives those indices for the families that need them (whatever
+  ``schedule.anchors`` is), ``None`` for the others.
 """
 from __future__ import annotations
 
@@ -31,9 +33,14 @@ __all__ = [
     "discriminator_hinge_loss",
     "generator_hinge_loss",
     "gan_time_weight",
+    "MISINDEXED_REFERENCE_FAMILIES",
+    "reference_anchor_indices",
 ]
 
 _MODES = ("paper", "reference")
+#: teacher families (``TeacherFamily.name``) whose reference trainer reads the GAN weight from the descending σ table
+#: at the anchor's ascending grid index (§10: SD3.5 Medium and Large); other flow families use (1 − σ)²
+MISINDEXED_REFERENCE_FAMILIES: tuple[str, ...] = ("sd3",)
 
 
 def _per_sample_mean(logits: Tensor) -> Tensor:
@@ -99,3 +106,14 @@ def gan_time_weight(
         flipped = schedule.tau_from_index(schedule.num_train_timesteps - 1 - idx.cpu(), apply_shift=True)
         return (flipped.double() ** 2).float().to(tau_k.device)
     return ((1.0 - sigma) ** 2).float()
+
+
+def reference_anchor_indices(family_name: str | None, schedule: Schedule, anchors: Tensor) -> list[int] | None:
+    """The ``anchor_index`` of each anchor for :func:`gan_time_weight`: the grid index nearest to τ_k (SD3.5 with
+    the preset anchors: 999, 749, 499, 249) when ``family_name`` is one of :data:`MISINDEXED_REFERENCE_FAMILIES` and
+    the schedule is a flow one, else ``None`` (DDPM, FLUX: the reference weight needs no index)."""
+    if isinstance(schedule, DDPMSchedule) or family_name not in MISINDEXED_REFERENCE_FAMILIES:
+        return None
+    from senseflow.method.isg import anchor_grid_indices
+
+    return [int(i) for i in anchor_grid_indices(schedule, anchors)]

@@ -15,6 +15,7 @@ With x = x_in, G's raw prediction p_θ = G(x, τ_k) (with grad) and ``step`` the
     x_dir = step(x, p_θ, τ_k → τ_{k+1})                 the generator's direct move, differentiable
     L_ISG = mean(√((x_dir − x_tar)² + c²) − c)         ``pseudo_huber`` (c = 1e-3), or mean((x_dir − x_tar)²) ``l2``
 
+``mode`` is the config key ``method.isg.sdxl_mode`` (validation allows ``reference`` for SDXL teachers only).
 ``mode = "intended"`` (default) is the construction above for every schedule: for SDXL it is the paper's
 "teacher τ_k → τ_m, generator τ_m → τ_{k+1}" with the generator's own ε at the mid-point (x̃₀ from ε_m).
 ``mode = "reference"`` reproduces the released SDXL code (§8.2): x̃₀ = x0_from(x_m, p_T, τ_m) reuses the teacher's
@@ -103,12 +104,15 @@ class ISGOptions:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ISGOptions":
-        """Read the option fields from a mapping or an attribute object (OmegaConf node); other keys are ignored."""
-        casts = {"margin": int, "margin_space": str, "loss": str, "huber_c": float, "last_segment_end": str, "mode": str,
-                 "midpoint_model": str}
+        """Read the options from the config section ``method.isg`` (a mapping or an attribute object such as
+        :class:`senseflow.config.ISGConfig`); other keys are ignored. ``mode`` is read from the config key
+        ``sdxl_mode``; every other field from the key of its own name."""
+        keys = {"margin": ("margin", int), "margin_space": ("margin_space", str), "loss": ("loss", str),
+                "huber_c": ("huber_c", float), "last_segment_end": ("last_segment_end", str),
+                "mode": ("sdxl_mode", str), "midpoint_model": ("midpoint_model", str)}
         out = {}
-        for name, cast in casts.items():
-            value = cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
+        for name, (key, cast) in keys.items():
+            value = cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
             if value is not None:
                 out[name] = cast(value)
         missing = [n for n in ("margin", "margin_space") if n not in out]

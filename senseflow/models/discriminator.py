@@ -10,13 +10,14 @@ Forward D(x, c, r):
    patch token ("readout add") and the patch tokens are reshaped to f ∈ ℝ^{B × hidden × h × w}.
 3. One head per feature map (§9.1 item 5)::
 
-       main      = Block₁ → [SNConv₃ stride 2 → Res(Block₃)] × (downsample − 1) → SNConv₃ stride 2
+       main      = Block₁ → [SNConv₃ stride 2 → Res(Block_k)] × (downsample − 1) → SNConv₃ stride 2
        refmapper = (same stack) → SNConv₁ (hidden → cmap_dim)
        cls       = SNConv₁ (hidden → cmap_dim)
        cmapper   = equalised-LR linear c_dim → cmap_dim
        logits    = Σ_channels cls(main(f(x))) ⊙ (cmapper(c) + refmapper(f(r))) / √cmap_dim
 
-   with Block_k = SNConv_k (circular padding) → BatchNormLocal → LeakyReLU(0.2) and Res(f)(x) = (f(x) + x)/√2.
+   with Block_k = SNConv_k (circular padding) → BatchNormLocal → LeakyReLU(0.2), Res(f)(x) = (f(x) + x)/√2 and
+   k = ``kernel_size`` (config ``discriminator.kernel_size``; §9.1: 3).
 4. Each head's map is flattened and all heads are concatenated: (B, Σ h_out·w_out).
 
 The reference features f(r) are computed once per iteration with :meth:`VFMDiscriminator.reference_features`
@@ -114,26 +115,32 @@ class _Residual(nn.Module):
         return (self.fn(x) + x) / math.sqrt(2.0)
 
 
-def _conv_stack(channels: int, downsample: int, virtual_batch: int) -> nn.Sequential:
+def _conv_stack(channels: int, downsample: int, virtual_batch: int, kernel_size: int = 3) -> nn.Sequential:
     layers: list[nn.Module] = [_Block(channels, 1, virtual_batch)]
     for d in range(downsample):
         layers.append(sn_conv(channels, channels, 3, stride=2))
         if d < downsample - 1:
-            layers.append(_Residual(_Block(channels, 3, virtual_batch)))
+            layers.append(_Residual(_Block(channels, kernel_size, virtual_batch)))
     return nn.Sequential(*layers)
 
 
 class DiscriminatorHead(nn.Module):
     """One head on one feature map: projection-conditioned logits (text + reference), see the module docstring."""
 
-    def __init__(self, channels: int, c_dim: int, cmap_dim: int, downsample: int, virtual_batch: int) -> None:
+    def __init__(
+        self, channels: int, c_dim: int, cmap_dim: int, downsample: int, virtual_batch: int, kernel_size: int = 3
+    ) -> None:
         super().__init__()
         if downsample < 0:
             raise ValueError(f"discriminator downsample must be >= 0, got {downsample}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"discriminator kernel_size must be an odd integer >= 1, got {kernel_size}")
         self.cmap_dim = int(cmap_dim)
-        self.main = _conv_stack(channels, downsample, virtual_batch)
+        self.main = _conv_stack(channels, downsample, virtual_batch, kernel_size)
         self.cls = sn_conv(channels, cmap_dim, 1)
-        self.refmapper = nn.Sequential(_conv_stack(channels, downsample, virtual_batch), sn_conv(channels, cmap_dim, 1))
+        self.refmapper = nn.Sequential(
+            _conv_stack(channels, downsample, virtual_batch, kernel_size), sn_conv(channels, cmap_dim, 1)
+        )
         self.cmapper = EqualLinear(c_dim, cmap_dim)
 
     def forward(self, feat: Tensor, c: Tensor, ref_feat: Tensor) -> Tensor:
@@ -158,6 +165,7 @@ class VFMDiscriminator(nn.Module):
         hooks: 0-based block indices whose outputs are used (ViT-L/14: 2, 5, 8, 10, 14, 19, 23), in addition to
             the embedding output; one head per map.
         cmap_dim, downsample, virtual_batch: head sizes (64, 3, 8).
+        kernel_size: k of the heads' residual basic blocks (3; the first block is 1×1, the stride-2 convs 3×3).
         augment_policy, translation_ratio, cutout_ratio: DiffAugment on x (color/translation/cutout, 1/8, 1/5).
         resize_to: backbone input size (int or (h, w)); ``None`` feeds the image at its own resolution.
         image_mean, image_std: backbone normalisation of [0, 1] images (ImageNet).
@@ -179,6 +187,7 @@ class VFMDiscriminator(nn.Module):
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
         use_embedding: bool = True,
+        kernel_size: int = 3,
     ) -> None:
         super().__init__()
         cfg = dino.config
@@ -202,8 +211,27 @@ class VFMDiscriminator(nn.Module):
         self.register_buffer("image_mean", torch.tensor(list(image_mean)).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(list(image_std)).view(1, -1, 1, 1), persistent=False)
         self.heads = nn.ModuleList(
-            DiscriminatorHead(cfg.hidden_size, c_dim, cmap_dim, downsample, virtual_batch)
+            DiscriminatorHead(cfg.hidden_size, c_dim, cmap_dim, downsample, virtual_batch, kernel_size)
             for _ in range(int(self.use_embedding) + len(self.hooks))
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        dino: nn.Module,
+        c_dim: int,
+        d: Any,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+    ) -> "VFMDiscriminator":
+        """D from the config section ``discriminator`` (``d``): the one constructor path of the trainer and of the
+        memory plan (``senseflow memory``), so both build the same heads. The backbones are given loaded."""
+        return cls(
+            dino, int(c_dim), list(d.hooks), cmap_dim=int(d.cmap_dim), downsample=int(d.downsample),
+            virtual_batch=int(d.virtual_batch), augment_policy=list(d.diffaug),
+            translation_ratio=float(d.translation_ratio), cutout_ratio=float(d.cutout_ratio),
+            resize_to=d.resolution, image_mean=image_mean, image_std=image_std,
+            use_embedding=bool(d.hook_patch), kernel_size=int(d.kernel_size),
         )
 
     def train(self, mode: bool = True) -> "VFMDiscriminator":

@@ -160,7 +160,6 @@ class DistillationTrainer:
             cfg.method, self.family, self.schedule, self.anchors, self.teacher, self.generator, self.fake,
             self.discriminator, self.text_conditioner, self.dmd2_head,
         )
-        self.distiller.anchor_indices = None if cfg.schedule.anchors is not None else list(cfg.schedule.anchor_indices)
 
     def family_anchors(self) -> torch.Tensor:
         s = self.cfg.schedule
@@ -173,12 +172,8 @@ class DistillationTrainer:
         d = self.cfg.discriminator
         bb = load_discriminator_backbones(d.dino_path, d.clip_path, self.device, torch.float32)
         self.text_conditioner = TextConditioner(bb.text_model, bb.tokenizer).to(self.device)
-        self.discriminator = VFMDiscriminator(
-            bb.dino, self.text_conditioner.embed_dim, list(d.hooks), cmap_dim=int(d.cmap_dim),
-            downsample=int(d.downsample), virtual_batch=int(d.virtual_batch), augment_policy=list(d.diffaug),
-            translation_ratio=float(d.translation_ratio), cutout_ratio=float(d.cutout_ratio),
-            resize_to=d.resolution, image_mean=bb.image_mean, image_std=bb.image_std,
-            use_embedding=bool(d.hook_patch),
+        self.discriminator = VFMDiscriminator.from_config(  # the memory plan builds it the same way
+            bb.dino, self.text_conditioner.embed_dim, d, image_mean=bb.image_mean, image_std=bb.image_std,
         ).to(self.device)
         sfdist.broadcast_module(self.discriminator.heads)  # replicated heads: rank 0's initialisation everywhere
 
