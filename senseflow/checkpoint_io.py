@@ -111,7 +111,9 @@ def resolve_student_source(checkpoint: Path | str) -> StudentSource:
             return StudentSource("safetensors", path)
         if suffix in (".pth", ".pt", ".bin", ".ckpt"):
             return StudentSource("pth", path)
-        raise ValueError(f"student checkpoint {path}: unknown file type {suffix!r} (expected .pth, .pt, .bin or .safetensors)")
+        raise ValueError(
+            f"student checkpoint {path}: unknown file type {suffix!r} (expected .pth, .pt, .bin or .safetensors)"
+        )
     # folders: a run's checkpoints/ with a 'latest' pointer -> the newest complete checkpoint
     if (path / "latest").is_file() and not (path / ".metadata").exists():
         path = path / (path / "latest").read_text().strip()
@@ -213,7 +215,10 @@ def _safetensors_files(source: StudentSource) -> list[Path]:
     if index:
         names = sorted(set(read_json(index[0]).get("weight_map", {}).values()))
         return [source.path / n for n in names]
-    files = sorted(source.path.glob("diffusion_pytorch_model*.safetensors")) or sorted(source.path.glob("*.safetensors"))
+    files = (
+        sorted(source.path.glob("diffusion_pytorch_model*.safetensors"))
+        or sorted(source.path.glob("*.safetensors"))
+    )
     return files
 
 
@@ -240,7 +245,9 @@ def _dcp_prefix(meta: Mapping[str, Any], expected: Iterable[str], path: Path) ->
             f"DCP checkpoint {path} holds no complete set of the student's parameters "
             f"(prefixes seen for {probe!r}: {candidates[:4] or 'none'})"
         )
-    raise CheckpointMismatchError(f"DCP checkpoint {path} holds several candidate students {complete[:4]}; cannot tell which is the generator")
+    raise CheckpointMismatchError(
+        f"DCP checkpoint {path} holds several candidate students {complete[:4]}; cannot tell which is the generator"
+    )
 
 
 def checkpoint_shapes(source: StudentSource, expected: Iterable[str] = ()) -> dict[str, tuple[int, ...]]:
@@ -293,7 +300,11 @@ def check_keys(
     ignored = [k for k in found if k not in expected and any(k.startswith(p) for p in ignore_prefixes)]
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected and k not in ignored]
-    wrong = [f"{k} {tuple(found[k])}≠{tuple(expected[k])}" for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    wrong = [
+        f"{k} {tuple(found[k])}≠{tuple(expected[k])}"
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -323,7 +334,10 @@ def read_state_dict(source: StudentSource, expected: Mapping[str, tuple[int, ...
         meta = _dcp_metadata(source.path)
         names = list(expected) if expected is not None else []
         prefix = _dcp_prefix(meta, names, source.path)
-        state = {prefix + k: torch.empty(tuple(meta[prefix + k].size), dtype=meta[prefix + k].properties.dtype) for k in names}
+        state = {
+            prefix + k: torch.empty(tuple(meta[prefix + k].size), dtype=meta[prefix + k].properties.dtype)
+            for k in names
+        }
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(source.path), no_dist=True)

@@ -1,5 +1,5 @@
-"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``, ``memory``, ``eval``, ``demo``,
-``teacher``.
+"""The ``senseflow`` console command: ``train``, ``tiny``, ``data``, ``export``, ``config``, ``memory``, ``eval``,
+``demo``, ``teacher``.
 
 Errors a user can fix (bad config, missing folder, bad dataset) print one line and exit with code 2.
 """
@@ -113,7 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (UserError, FileNotFoundError, ValueError) as err:
-        print(f"senseflow {argv[0]}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(
+            f"senseflow {argv[0]}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -365,7 +365,9 @@ def load_full_from_rank0(model: nn.Module, full: dict[str, Tensor], comm_device:
         missing = sorted(names - set(full))
         unexpected = sorted(set(full) - persistent)
         if missing or unexpected:
-            error[0] = f"state dict does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            error[0] = (
+                f"state dict does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise KeyError(error[0])

@@ -45,10 +45,12 @@ from senseflow.checkpoint_io import (
     resolve_student_source,
     student_config,
 )
-from senseflow.quiet import quiet_libraries
 from senseflow.inference import PIPELINE_CLASSES, SPECS, UsageError, check_teacher_folder
+from senseflow.quiet import quiet_libraries
 
-__all__ = ["FAMILIES", "PIPELINES", "pipeline_kwargs", "sdxl_timesteps", "flow_grid", "readme_text", "export", "main_export"]
+__all__ = [
+    "FAMILIES", "PIPELINES", "pipeline_kwargs", "sdxl_timesteps", "flow_grid", "readme_text", "export", "main_export"
+]
 
 #: the inference spec (class names, overrides, ignored keys) of each exportable family
 FAMILIES: dict[str, str] = {"sdxl": "sdxl", "sd3": "sd35-medium", "flux": "flux"}
@@ -90,7 +92,9 @@ def _scheduler_config(family: str, teacher_config: dict[str, Any]) -> dict[str, 
         return cfg
     name = teacher_config.get("_class_name")
     if name != "FlowMatchEulerDiscreteScheduler":
-        raise ValueError(f"the teacher's scheduler is {name!r}; a {family} export needs FlowMatchEulerDiscreteScheduler")
+        raise ValueError(
+            f"the teacher's scheduler is {name!r}; a {family} export needs FlowMatchEulerDiscreteScheduler"
+        )
     if family == "flux" and not teacher_config.get("use_dynamic_shifting", False):
         raise ValueError("the FLUX teacher's scheduler has no dynamic shifting; its anchors would not be FLUX's")
     return dict(teacher_config)
@@ -215,7 +219,9 @@ def export(
     sched = _scheduler_config(family, read_json(teacher / "scheduler" / "scheduler_config.json"))
     source = resolve_student_source(checkpoint)
     expected = {k: tuple(v.shape) for k, v in empty_model(config, spec.student_class).state_dict().items()}
-    check_keys(expected, checkpoint_shapes(source, expected), f"the {family} student ({cfg_path})", spec.ignore_prefixes)
+    check_keys(
+        expected, checkpoint_shapes(source, expected), f"the {family} student ({cfg_path})", spec.ignore_prefixes
+    )
 
     quiet_libraries()
     student = load_student(source, config, dtype=dtype, ignore_prefixes=spec.ignore_prefixes,
@@ -263,8 +269,10 @@ def main_export(argv: Sequence[str] | None = None) -> int:
                    help="student: .pth, .safetensors, a training checkpoint folder (DCP) or a diffusers folder")
     p.add_argument("--family", required=True, help=f"one of {', '.join(FAMILIES)}")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
-    p.add_argument("--steps", type=int, default=4, help="number of sampling steps written into the README call (default 4)")
-    p.add_argument("--dtype", default="auto", help="weights of the exported student: auto (as stored), fp32, bf16, fp16")
+    p.add_argument("--steps", type=int, default=4,
+                   help="number of sampling steps written into the README call (default 4)")
+    p.add_argument("--dtype", default="auto",
+                   help="weights of the exported student: auto (as stored), fp32, bf16, fp16")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--copy", action="store_true", help="copy the teacher's files instead of hard-linking them")
     try:

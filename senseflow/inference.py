@@ -29,10 +29,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from senseflow.imageio import to_pil
-from senseflow.method import rng
-from senseflow.quiet import quiet_libraries
-
 from senseflow.checkpoint_io import (
     StudentSource,
     check_keys,
@@ -44,6 +40,9 @@ from senseflow.checkpoint_io import (
     resolve_student_source,
     student_config,
 )
+from senseflow.imageio import to_pil
+from senseflow.method import rng
+from senseflow.quiet import quiet_libraries
 
 __all__ = [
     "InferenceSpec",
@@ -164,17 +163,20 @@ def build_parser(spec: InferenceSpec, prog: str | None = None) -> argparse.Argum
                    help=f"one prompt per line, blank lines skipped (default: {DEFAULT_PROMPTS}, the repository's "
                         "23 prompts)")
     p.add_argument("--start_idx", type=int, default=0, help="index of the first prompt (default: 0)")
-    p.add_argument("--num_prompts", type=int, default=23, help="number of prompts (default: 23; clipped at the file end)")
+    p.add_argument("--num_prompts", type=int, default=23,
+                   help="number of prompts (default: 23; clipped at the file end)")
     p.add_argument("--batch_size", type=int, default=1, help="prompts per forward pass (default: 1)")
     if spec.family == "flux":
         default_cfg = "<flux_ckpt>/transformer/config.json with guidance_embeds=false"
     else:
         default_cfg = f"<{spec.teacher_flag}>/{spec.denoiser_subfolder}/config.json"
-    p.add_argument(f"--{spec.config_flag}", default=None, metavar="JSON", help=f"student config (default: {default_cfg})")
+    p.add_argument(f"--{spec.config_flag}", default=None, metavar="JSON",
+                   help=f"student config (default: {default_cfg})")
     p.add_argument("--sampler", default=spec.default_sampler,
                    help=f"one of {', '.join(SAMPLERS)} (default: {spec.default_sampler})")
     steps_help = f"{spec.min_steps}..{spec.max_steps}" if spec.max_steps > spec.min_steps else f"{spec.min_steps}"
-    p.add_argument("--steps", type=int, default=spec.default_steps, help=f"number of steps ({steps_help}; default {spec.default_steps})")
+    p.add_argument("--steps", type=int, default=spec.default_steps,
+                   help=f"number of steps ({steps_help}; default {spec.default_steps})")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default: 0)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
@@ -215,8 +217,9 @@ def _prompts_path(name: str) -> Path:
 def check_teacher_folder(folder: Path | str, family: str) -> dict[str, Any]:
     """Check a teacher's diffusers folder; return its ``model_index.json``.
 
-    A folder of another family's pipeline is refused by name. Every component that ``model_index.json`` lists (non-null) and every component the family needs must be a
-    subfolder; model and scheduler folders must hold their ``config.json`` / ``scheduler_config.json``.
+    A folder of another family's pipeline is refused by name. Every component that ``model_index.json`` lists
+    (non-null) and every component the family needs must be a subfolder; model and scheduler folders must hold their
+    ``config.json`` / ``scheduler_config.json``.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -225,7 +228,9 @@ def check_teacher_folder(folder: Path | str, family: str) -> dict[str, Any]:
         raise ValueError(f"teacher path {folder} is not a folder (expected a local diffusers pipeline folder)")
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else None
     if index is None:
-        raise FileNotFoundError(f"teacher folder {folder} has no model_index.json (expected a diffusers pipeline folder)")
+        raise FileNotFoundError(
+            f"teacher folder {folder} has no model_index.json (expected a diffusers pipeline folder)"
+        )
     name = index.get("_class_name")
     other = {p: f for f, p in PIPELINE_CLASSES.items() if f != family}
     if name in other:
@@ -319,7 +324,9 @@ def prepare(args: argparse.Namespace, spec: InferenceSpec) -> Plan:
 
     prompts = read_prompts(_prompts_path(args.prompts_file))
     if args.start_idx >= len(prompts):
-        raise UsageError(f"--start_idx {args.start_idx} is beyond the end of {args.prompts_file} ({len(prompts)} prompts)")
+        raise UsageError(
+            f"--start_idx {args.start_idx} is beyond the end of {args.prompts_file} ({len(prompts)} prompts)"
+        )
     stop = min(len(prompts), args.start_idx + args.num_prompts)
     items = [(i, prompts[i]) for i in range(args.start_idx, stop)]
 

@@ -18,8 +18,9 @@ What is kept from the real checkpoints (the things the method depends on):
 
 Widths deliberately differ between encoders (e.g. CLIP-L 16, CLIP-G 32) so that a concatenation in the wrong
 order or of the wrong tensor fails a shape test. Tokenizers are trained on :data:`CORPUS` by
-:mod:`senseflow.models.tokenizers` (a CLIP-style byte-level BPE and a T5-style Unigram). Every random draw happens inside a forked torch RNG seeded from ``seed``, so the same seed gives
-byte-identical files (weights, tokenizers and configs) and the caller's global RNG is left untouched.
+:mod:`senseflow.models.tokenizers` (a CLIP-style byte-level BPE and a T5-style Unigram). Every random draw
+happens inside a forked torch RNG seeded from ``seed``, so the same seed gives byte-identical files (weights,
+tokenizers and configs) and the caller's global RNG is left untouched.
 """
 from __future__ import annotations
 
@@ -251,7 +252,12 @@ def _build_sdxl(seed: int):
 
 
 def _build_sd3(seed: int, transformer_cfg: dict):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
@@ -398,8 +404,9 @@ def build_tiny_assets(out_dir: str | Path, seed: int = 0, overwrite: bool = Fals
 
 def main_tiny(argv: Sequence[str] | None = None) -> int:
     """``senseflow tiny --kind {sdxl,sd35-medium,sd35-large,flux,backbones} --out DIR [--seed 0] [--overwrite]``."""
-    parser = argparse.ArgumentParser(prog="senseflow tiny", description="Write a tiny random teacher (diffusers layout) "
-                                     "or the tiny VFM-discriminator backbones, for tests and CPU demos.")
+    parser = argparse.ArgumentParser(prog="senseflow tiny",
+                                     description="Write a tiny random teacher (diffusers layout) "
+                                                 "or the tiny VFM-discriminator backbones, for tests and CPU demos.")
     parser.add_argument("--kind", required=True, choices=[*TINY_KINDS, "backbones", "dataset", "all"],
                         help="a teacher, the discriminator backbones, the tiny image-caption set, or all of them")
     parser.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")

@@ -53,7 +53,8 @@ def test_random_crop_is_reproducible_and_in_bounds():
     b = prepare_image(im, 10, "random", torch.Generator().manual_seed(5))
     assert a.crop_coords == b.crop_coords and torch.equal(a.pixels, b.pixels)
     lefts = {prepare_image(im, 10, "random", torch.Generator().manual_seed(s)).crop_coords for s in range(20)}
-    assert all(t == 0 and 0 <= l <= 20 for t, l in lefts) and len(lefts) > 3
+    # (t, l) = (top, left) of the crop; the names are kept, so E741 is silenced on this line only
+    assert all(t == 0 and 0 <= l <= 20 for t, l in lefts) and len(lefts) > 3  # noqa: E741
     with pytest.raises(ValueError, match="explicit torch.Generator"):
         prepare_image(im, 10, "random", None)
 
@@ -62,7 +63,9 @@ def test_extreme_aspect_ratio_does_not_build_a_huge_intermediate():
     """4000×4 at R=256: resizing the whole image first would make 256×256000; the box resize touches 4×4 pixels."""
     im = Image.new("RGB", (4000, 4), (10, 20, 30))
     p = prepare_image(im, 256)
-    assert p.pixels.shape == (3, 256, 256) and p.original_size == (4, 4000) and p.crop_coords == (0, (256000 - 256) // 2)
+    assert (
+        p.pixels.shape == (3, 256, 256) and p.original_size == (4, 4000) and p.crop_coords == (0, (256000 - 256) // 2)
+    )
     assert torch.allclose(p.pixels[:, 0, 0], torch.tensor([10, 20, 30]) / 127.5 - 1)
 
 
@@ -71,7 +74,8 @@ def test_extreme_aspect_ratio_does_not_build_a_huge_intermediate():
     [
         ("L", lambda: Image.new("L", (2, 2), 77), (77, 77, 77)),
         ("1", lambda: Image.new("1", (2, 2), 1), (255, 255, 255)),
-        ("P", lambda: Image.new("RGB", (2, 2), (9, 99, 199)).convert("P", palette=Image.Palette.ADAPTIVE), (9, 99, 199)),
+        ("P", lambda: Image.new("RGB", (2, 2), (9, 99, 199)).convert("P", palette=Image.Palette.ADAPTIVE),
+         (9, 99, 199)),
         ("CMYK", lambda: Image.new("CMYK", (2, 2), (0, 255, 255, 0)), (255, 0, 0)),
         ("RGBA transparent over white", lambda: Image.new("RGBA", (2, 2), (0, 0, 0, 0)), (255, 255, 255)),
         ("RGBA opaque", lambda: Image.new("RGBA", (2, 2), (1, 2, 3, 255)), (1, 2, 3)),

@@ -135,4 +135,6 @@ def test_environment_is_opened_lazily_per_process_and_never_pickled(tmp_path):
     ds[0]
     assert ds._env is not None and pickle.loads(pickle.dumps(ds))._env is None
     batches = list(DataLoader(ds, batch_size=2, num_workers=2))
-    assert torch.equal(torch.cat([b["latents"] for b in batches]), torch.stack([torch.from_numpy(a.astype(np.float32)) for a in lat]))
+    assert torch.equal(
+        torch.cat([b["latents"] for b in batches]), torch.stack([torch.from_numpy(a.astype(np.float32)) for a in lat])
+    )

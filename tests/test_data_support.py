@@ -63,7 +63,9 @@ def write_jsonl_set(root: Path, n: int = 6, size: tuple[int, int] = (40, 32), na
     path = root / name
     with open(path, "w") as f:
         for i, nm in enumerate(names):
-            f.write(json.dumps({"key": f"{i:08d}", "image_path": f"images/{nm}", "prompt": f"caption number {i}"}) + "\n")
+            f.write(
+                json.dumps({"key": f"{i:08d}", "image_path": f"images/{nm}", "prompt": f"caption number {i}"}) + "\n"
+            )
     return path
 
 
@@ -81,7 +83,13 @@ def save_tiny_vae_pipeline(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def write_raw_lmdb(path: Path, latents: list[bytes | None], prompts: list[bytes | None], shape=(4, 8, 8), header: dict | None = None) -> Path:
+def write_raw_lmdb(
+    path: Path,
+    latents: list[bytes | None],
+    prompts: list[bytes | None],
+    shape=(4, 8, 8),
+    header: dict | None = None,
+) -> Path:
     """An LMDB in DMD2's layout written by hand (entries that are None are left out)."""
     n = len(latents)
     env = lmdb.open(str(path), map_size=1 << 24)

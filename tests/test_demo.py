@@ -60,4 +60,5 @@ def test_iterations_stretch_the_cosine_decay_of_the_digits_config(tmp_path: Path
     # an explicit override given after it wins; without --iterations the config's own length stays
     assert load_config(config, train_command(config, tmp_path / "r", tmp_path / "t", assets, 2400,
                                              ["optimizer.decay_steps=600"])[6:]).optimizer.decay_steps == 600
-    assert load_config(config, train_command(config, tmp_path / "r", tmp_path / "t", assets, None)[6:]).optimizer.decay_steps == 1200
+    assert load_config(config, train_command(config, tmp_path / "r", tmp_path / "t", assets,
+                                             None)[6:]).optimizer.decay_steps == 1200

@@ -76,7 +76,7 @@ def test_colour_keeps_grey_images_grey():
         diff_augment(grey, torch.Generator(), policy=["flip"])
 
 
-# ---- building blocks --------------------------------------------------------------------------------------------------
+# ---- building blocks -------------------------------------------------------------------------------------------------
 def test_batchnormlocal_normalises_each_virtual_group_separately():
     bn = BatchNormLocal(3, virtual_batch=4)
     x = torch.randn(10, 3, 5, 5) * 3 + 2  # ⌈10/4⌉ = 3 groups of 4, 3, 3 samples
@@ -155,11 +155,12 @@ def test_resize_and_bad_arguments():
         tiny_disc(hooks=[4])
 
 
-# ---- text condition ---------------------------------------------------------------------------------------------------
+# ---- text condition --------------------------------------------------------------------------------------------------
 def tiny_clip_text():
     torch.manual_seed(2)
-    cfg = CLIPTextConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=16, projection_dim=8, bos_token_id=0, pad_token_id=1, eos_token_id=3)
+    cfg = CLIPTextConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, projection_dim=8, bos_token_id=0,
+                         pad_token_id=1, eos_token_id=3)
     return CLIPTextModelWithProjection(cfg)
 
 
@@ -170,7 +171,9 @@ def tiny_tokenizer():
     vocab = {"<bos>": 0, "<pad>": 1, "<unk>": 2, "<eos>": 3, "a": 4, "cat": 5, "dog": 6, "photo": 7, "of": 8}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 0), ("<eos>", 3)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 0), ("<eos>", 3)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>")
 

@@ -74,7 +74,9 @@ def test_two_processes_fsdp2_shard_the_denoisers_and_share_only_the_decisions(tr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(1, 2 * gd + 1))
     assert sum(r["step/generator"] for r in rows) == 2
-    assert all(torch.isfinite(torch.tensor(v)) for r in rows for k, v in r.items() if k.startswith(("loss/", "grad_norm/")))
+    assert all(
+        torch.isfinite(torch.tensor(v)) for r in rows for k, v in r.items() if k.startswith(("loss/", "grad_norm/"))
+    )
     latest = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest.name == f"iter_{2 * gd:06d}" and (latest / "student.safetensors").exists()
     assert {p.name for p in latest.glob("rank*_state.pt")} == {"rank0_state.pt", "rank1_state.pt"}
@@ -92,7 +94,9 @@ def test_two_processes_ddp_style_sdxl_dmd2_keeps_every_replica_equal(tmp_path_fa
     assert r0["decisions"] == r1["decisions"] and all(a != b for a, b in zip(r0["noise"], r1["noise"]))
     assert r0["generator_hash"] == r1["generator_hash"] and r0["fake_hash"] == r1["fake_hash"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(torch.isfinite(torch.tensor(v)) for r in rows for k, v in r.items() if k.startswith("loss/"))
+    assert len(rows) == 4 and all(
+        torch.isfinite(torch.tensor(v)) for r in rows for k, v in r.items() if k.startswith("loss/")
+    )
 
 
 def test_two_nodes_hsdp_replicates_across_nodes_and_shards_inside_one(dist_assets, tmp_path):
@@ -109,7 +113,9 @@ def test_two_nodes_hsdp_replicates_across_nodes_and_shards_inside_one(dist_asset
         assert proc.returncode == 0, tail(proc)
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
     for net in ("generator", "fake", "teacher"):
-        assert {(p["type"], tuple(p["placements"])) for p in r0["params_after"][net].values()} == {("DTensor", ("R", "S(0)"))}
+        assert {(p["type"], tuple(p["placements"])) for p in r0["params_after"][net].values()} == {
+            ("DTensor", ("R", "S(0)"))
+        }
     assert r0["full_copies"]["teacher_loads"] == 1 and r1["full_copies"]["teacher_loads"] == 0
     assert r0["decisions"] == r1["decisions"] and all(a != b for a, b in zip(r0["noise"], r1["noise"]))
     assert r0["generator_hash"] == r1["generator_hash"] and r0["fake_hash"] == r1["fake_hash"]

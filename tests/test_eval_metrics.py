@@ -286,7 +286,9 @@ def test_openclip_checkpoint_converts_to_a_clipmodel_with_the_same_embeddings(mo
     h = torch.cat([sd["visual.class_embedding"].expand(2, 1, -1), h], 1) + sd["visual.positional_embedding"]
     h = F.layer_norm(h, (32,), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"], 1e-5)
     h = openclip_tower(sd, "visual.transformer.", h, heads=4, causal=False)
-    ref_img = F.layer_norm(h[:, 0], (32,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"], 1e-5) @ sd["visual.proj"]
+    ref_img = (
+        F.layer_norm(h[:, 0], (32,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"], 1e-5) @ sd["visual.proj"]
+    )
     # text: token + positions → causal blocks → ln_final → the end-of-text token (the largest id) @ text_projection
     t = sd["token_embedding.weight"][ids] + sd["positional_embedding"]
     t = openclip_tower(sd, "transformer.", t, heads=4, causal=True)

@@ -35,7 +35,9 @@ def student_pth(tiny_teacher, tmp_path_factory):
         path = root / f"{kind}.pth"
         if not path.exists():
             sub = "unet" if kind == "sdxl" else "transformer"
-            torch.save({"model": load_file(str(tiny_teacher(kind) / sub / "diffusion_pytorch_model.safetensors"))}, path)
+            torch.save(
+                {"model": load_file(str(tiny_teacher(kind) / sub / "diffusion_pytorch_model.safetensors"))}, path
+            )
         return path
 
     return get
@@ -47,7 +49,9 @@ def run_export(*argv: str, capsys=None) -> tuple[int, str]:
     return rc, err
 
 
-def our_euler_latents(family_name: str, teacher: Path, checkpoint: Path, noise: torch.Tensor, tmp: Path) -> torch.Tensor:
+def our_euler_latents(
+    family_name: str, teacher: Path, checkpoint: Path, noise: torch.Tensor, tmp: Path
+) -> torch.Tensor:
     """Latents of the inference scripts' Euler sampler (student loaded from ``checkpoint`` like the scripts do)."""
     from senseflow.method.sampling import make_anchors, sample_euler
 
@@ -71,7 +75,8 @@ def test_stock_pipeline_on_the_export_reproduces_our_euler_sampler(family_name, 
 
     kind = KINDS[family_name]
     teacher, ckpt, out = tiny_teacher(kind), student_pth(kind), tmp_path / "exported"
-    assert main_export(["--teacher", str(teacher), "--checkpoint", str(ckpt), "--family", family_name, "--out", str(out)]) == 0
+    assert main_export(["--teacher", str(teacher), "--checkpoint", str(ckpt), "--family", family_name,
+                        "--out", str(out)]) == 0
 
     sub = "unet" if family_name == "sdxl" else "transformer"
     readme = (out / "README.md").read_text()
@@ -165,7 +170,8 @@ def test_export_from_a_training_checkpoint(tiny_teacher, tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "iter_000300"
     dcp.save({"model/generator": generator, "model/fake": weights}, checkpoint_id=str(ckpt), no_dist=True)
     out = tmp_path / "out"
-    assert main_export(["--teacher", str(teacher), "--checkpoint", str(ckpt), "--family", "sd3", "--out", str(out)]) == 0
+    assert main_export(["--teacher", str(teacher), "--checkpoint", str(ckpt), "--family", "sd3",
+                        "--out", str(out)]) == 0
     exported = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert exported.keys() == generator.keys()
     assert all(torch.equal(exported[k], generator[k]) for k in generator)
@@ -173,17 +179,23 @@ def test_export_from_a_training_checkpoint(tiny_teacher, tmp_path):
 
 BAD_EXPORTS = {
     # name: (argv builder over (flux teacher, sdxl teacher, flux .pth, tmp), text of the error)
-    "unknown family": (lambda f, s, c, d: ["--teacher", str(f), "--checkpoint", str(c), "--family", "sd4"], "--family 'sd4' is unknown"),
-    "family does not match the teacher": (lambda f, s, c, d: ["--teacher", str(s), "--checkpoint", str(c), "--family", "flux"],
-                                          "holds a StableDiffusionXLPipeline (sdxl); a flux teacher is a FluxPipeline folder"),
-    "checkpoint of another family": (lambda f, s, c, d: ["--teacher", str(s), "--checkpoint", str(c), "--family", "sdxl"],
+    "unknown family": (lambda f, s, c, d: ["--teacher", str(f), "--checkpoint", str(c), "--family", "sd4"],
+                       "--family 'sd4' is unknown"),
+    "family does not match the teacher": (lambda f, s, c, d: ["--teacher", str(s), "--checkpoint", str(c),
+                                                              "--family", "flux"],
+                                          "holds a StableDiffusionXLPipeline (sdxl); "
+                                          "a flux teacher is a FluxPipeline folder"),
+    "checkpoint of another family": (lambda f, s, c, d: ["--teacher", str(s), "--checkpoint", str(c),
+                                                         "--family", "sdxl"],
                                      "missing keys"),
     "missing teacher": (lambda f, s, c, d: ["--teacher", str(d / "none"), "--checkpoint", str(c), "--family", "flux"],
                         "teacher folder not found"),
-    "missing checkpoint": (lambda f, s, c, d: ["--teacher", str(f), "--checkpoint", str(d / "none.pth"), "--family", "flux"],
+    "missing checkpoint": (lambda f, s, c, d: ["--teacher", str(f), "--checkpoint", str(d / "none.pth"),
+                                               "--family", "flux"],
                            "student checkpoint not found"),
     "missing --out": (lambda f, s, c, d: ["--teacher", str(f), "--checkpoint", str(c), "--family", "flux"], "--out"),
-    "bad dtype": (lambda f, s, c, d: ["--teacher", str(f), "--checkpoint", str(c), "--family", "flux", "--dtype", "int8"],
+    "bad dtype": (lambda f, s, c, d: ["--teacher", str(f), "--checkpoint", str(c),
+                                      "--family", "flux", "--dtype", "int8"],
                   "--dtype 'int8'"),
 }
 

@@ -30,7 +30,11 @@ def families(tiny_teacher):
 def _pipeline(kind, path):
     import diffusers
 
-    cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}
+    cls = {
+        "sdxl": diffusers.StableDiffusionXLPipeline,
+        "sd3": diffusers.StableDiffusion3Pipeline,
+        "flux": diffusers.FluxPipeline,
+    }
     return cls[FAMILY_OF[kind]].from_pretrained(path, local_files_only=True)
 
 
@@ -47,7 +51,9 @@ def test_registry_names_and_aliases():
 def test_build_family_from_a_teacher_config(tiny_teacher):
     from senseflow.config import TeacherConfig
 
-    cfg = TeacherConfig(family="flux", path=str(tiny_teacher("flux")), dtype="bfloat16", t5_max_length=32, resolution=RES)
+    cfg = TeacherConfig(
+        family="flux", path=str(tiny_teacher("flux")), dtype="bfloat16", t5_max_length=32, resolution=RES
+    )
     fam = build_family(cfg, "cpu")
     assert type(fam).__name__ == "FluxFamily" and fam.denoiser_dtype == torch.bfloat16 and fam.t5_max_length == 32
     sdxl = build_family({"family": "sdxl", "path": str(tiny_teacher("sdxl")), "resolution": 512})
@@ -196,7 +202,9 @@ def test_flux_guidance_is_the_embedding(families):
     x = torch.randn(2, *fam.latent_shape(RES, RES))
     cond, tau = fam.encode_prompts(PROMPTS), torch.tensor([0.8, 0.8])
     assert torch.equal(fam.guided_predict(teacher, x, tau, cond, 3.5), fam.predict(teacher, x, tau, cond, guidance=3.5))
-    assert not torch.allclose(fam.predict(teacher, x, tau, cond, guidance=1.0), fam.predict(teacher, x, tau, cond, guidance=8.0))
+    assert not torch.allclose(
+        fam.predict(teacher, x, tau, cond, guidance=1.0), fam.predict(teacher, x, tau, cond, guidance=8.0)
+    )
     with pytest.raises(ValueError, match="guidance"):
         fam.predict(teacher, x, tau, cond)
     with pytest.raises(ValueError, match="decision 4"):

@@ -225,11 +225,13 @@ def _write(path: Path, data: bytes) -> Path:
 BAD_INPUTS = {
     "missing teacher": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.tmp / "nope"), "--checkpoint", str(c.ckpt)],
                         "teacher folder not found"),
-    "incomplete teacher": ("sdxl", lambda c: ["--sdxl_ckpt", str(_incomplete_teacher(c.sdxl, c.tmp)), "--checkpoint", str(c.ckpt)],
+    "incomplete teacher": ("sdxl", lambda c: ["--sdxl_ckpt", str(_incomplete_teacher(c.sdxl, c.tmp)),
+                                              "--checkpoint", str(c.ckpt)],
                            "is incomplete: missing vae/"),
     "missing checkpoint": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.tmp / "x.pth")],
                            "student checkpoint not found"),
-    "corrupt checkpoint": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(_write(c.tmp / "junk.pth", b"\x80junk"))],
+    "corrupt checkpoint": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl),
+                                              "--checkpoint", str(_write(c.tmp / "junk.pth", b"\x80junk"))],
                            "torch.load(weights_only=True) can read"),
     "checkpoint of another family": ("flux", lambda c: ["--flux_ckpt", str(c.flux), "--checkpoint", str(c.ckpt)],
                                      "missing keys"),
@@ -237,16 +239,21 @@ BAD_INPUTS = {
                                               "--prompts_file", str(_write(c.tmp / "p.txt", b"\n  \n"))], "is empty"),
     "missing prompts file": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt),
                                                 "--prompts_file", str(c.tmp / "none.txt")], "prompts file not found"),
-    "negative num_prompts": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt), "--num_prompts", "-3"],
+    "negative num_prompts": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt),
+                                                "--num_prompts", "-3"],
                              "--num_prompts must be at least 1"),
-    "start_idx beyond file": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt), "--start_idx", "23"],
+    "start_idx beyond file": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt),
+                                                 "--start_idx", "23"],
                               "beyond the end"),
     "unknown sampler": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt), "--sampler", "dpm"],
                         "--sampler 'dpm' is unknown"),
-    "flux steps out of range": ("flux", lambda c: ["--flux_ckpt", str(c.flux), "--checkpoint", str(c.ckpt), "--steps", "9"],
+    "flux steps out of range": ("flux", lambda c: ["--flux_ckpt", str(c.flux), "--checkpoint", str(c.ckpt),
+                                                   "--steps", "9"],
                                 "allowed: 4..8"),
-    "sdxl steps": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt), "--steps", "2"], "--steps 2"),
-    "size not a multiple": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt), "--height", "60"],
+    "sdxl steps": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt), "--steps", "2"],
+                   "--steps 2"),
+    "size not a multiple": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt),
+                                               "--height", "60"],
                             "multiple of 8"),
     "unknown flag": ("sdxl", lambda c: ["--sdxl_ckpt", str(c.sdxl), "--checkpoint", str(c.ckpt), "--cfg", "3"],
                      "unrecognized arguments"),
@@ -258,7 +265,9 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_exits_2_with_one_line_before_loading_weights(case, tiny_teacher, student, tmp_path, capsys, monkeypatch):
+def test_bad_input_exits_2_with_one_line_before_loading_weights(
+    case, tiny_teacher, student, tmp_path, capsys, monkeypatch
+):
     from types import SimpleNamespace
 
     spec, build, expected = BAD_INPUTS[case]

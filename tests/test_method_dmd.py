@@ -106,7 +106,7 @@ def test_noise_comes_from_noise_gen():
     assert run(7) != run(8)
 
 
-# ---- fake-score loss (§6) ---------------------------------------------------------------------------------------------
+# ---- fake-score loss (§6) --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["flow", "ddpm"])
 def test_fake_score_loss_is_zero_for_the_oracle_and_positive_otherwise(kind):
     """The target is v = ε − x₀ (flow) or ε (DDPM): a net that knows x₀ predicts it exactly."""
@@ -148,7 +148,7 @@ def test_fake_score_flow_target_by_hand():
     assert float(loss.detach()) == pytest.approx(float(((eps - 1.0) ** 2).mean()), rel=1e-6)
 
 
-# ---- guidance scale ---------------------------------------------------------------------------------------------------
+# ---- guidance scale --------------------------------------------------------------------------------------------------
 def test_guidance_scale_fixed_or_uniform_and_shared():
     g = torch.Generator().manual_seed(0)
     state = g.get_state()

@@ -53,7 +53,9 @@ def setup(batch=2, latent=16):
 def test_bottleneck_shape_matches_the_captured_mid_block_output():
     unet, clf, cond = setup()
     assert bottleneck_shape(unet.config, (16, 16)) == (64, 8, 8)
-    assert bottleneck_shape({"block_out_channels": [320, 640, 1280], "down_block_types": [1, 2, 3]}, (128, 128)) == (1280, 32, 32)
+    assert bottleneck_shape(
+        {"block_out_channels": [320, 640, 1280], "down_block_types": [1, 2, 3]}, (128, 128)
+    ) == (1280, 32, 32)
     with MidBlockCapture(unet) as cap:
         clf.family.predict(unet, torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), cond)
     assert cap.output.shape == (2, 64, 8, 8)

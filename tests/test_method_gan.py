@@ -74,7 +74,7 @@ def test_weight_shape_mismatch_is_an_error():
         generator_hinge_loss(torch.zeros(2, 3), torch.ones(3))
 
 
-# ---- which reference column: the teacher family, not how the anchors are given (§10) ----------------------------------
+# ---- which reference column: the teacher family, not how the anchors are given (§10) ---------------------------------
 def _distiller(family_name: str, schedule, anchors, time_weight: str):
     from method_toys import AffineField, ToyFamily
     from senseflow.config import MethodConfig

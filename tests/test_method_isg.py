@@ -25,7 +25,9 @@ def flux_schedule():
 
 
 def sdxl_schedule():
-    return DDPMSchedule.from_scheduler_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    return DDPMSchedule.from_scheduler_config(
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    )
 
 
 # ---- mid-point ranges (§8.1, §8.2) -------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ Kills use the test-only hooks documented in :mod:`senseflow.trainer.checkpoint`:
 logging and checkpoint) and ``SENSEFLOW_TEST_KILL_IN_SAVE=<it>`` (inside the save of iteration ``it``, after every
 file is written into the temporary folder, before the rename). torchrun then tears the whole run down.
 
-"Bit-identical" covers everything the final checkpoint holds: student.safetensors and student_ema.safetensors, every DCP entry (G, F, D heads,
-their AdamW states, G's EMA), the trainer state (iteration, data position, shared RNG stream, LR schedulers), each rank's
-noise streams, and the logged metrics of every iteration. (Not torch's global RNG state: see assert_bit_identical.)
+"Bit-identical" covers everything the final checkpoint holds: student.safetensors and student_ema.safetensors, every
+DCP entry (G, F, D heads, their AdamW states, G's EMA), the trainer state (iteration, data position, shared RNG stream,
+LR schedulers), each rank's noise streams, and the logged metrics of every iteration. (Not torch's global RNG state:
+see assert_bit_identical.)
 """
 from __future__ import annotations
 
@@ -89,12 +90,17 @@ def test_kill9_at_a_random_iteration_then_the_same_command_resumes_bit_identical
     assert proc.returncode != 0, "the run should have been killed"
     last_saved = (kill_at - 1) // SAVE_EVERY * SAVE_EVERY  # the kill comes before iteration kill_at's own save
     pointer = run / "checkpoints" / "latest"
-    assert (pointer.read_text().strip() if pointer.exists() else None) == (f"iter_{last_saved:06d}" if last_saved else None)
+    assert (pointer.read_text().strip() if pointer.exists() else None) == (
+        f"iter_{last_saved:06d}" if last_saved else None
+    )
 
     proc = launch(run, dist_assets)  # the same command again
     assert proc.returncode == 0, tail(proc)
     if last_saved:
-        assert f"resumed from {checkpoint(run, f'iter_{last_saved:06d}')} at iteration {last_saved}" in proc.stdout + proc.stderr
+        assert (
+            f"resumed from {checkpoint(run, f'iter_{last_saved:06d}')} at iteration {last_saved}"
+            in proc.stdout + proc.stderr
+        )
     assert_bit_identical(run, reference, tmp_path)
 
 
@@ -118,9 +124,9 @@ def test_a_kill_while_saving_leaves_latest_on_the_previous_checkpoint(reference,
 def test_a_two_process_checkpoint_resumes_on_one_process_and_trains_on(reference, dist_assets, tmp_path):
     """In this process (no process group): every network, optimiser, scheduler and the data position come back
     from the 2-rank checkpoint; rank 0 keeps its noise streams, rank 1's are dropped; training continues."""
+    from dist_runs import asset_overrides, config_path
     from senseflow.config import load_config
     from senseflow.trainer import get_trainer
-    from dist_runs import asset_overrides, config_path
 
     run = tmp_path / "run"
     shutil.copytree(reference, run)
@@ -160,7 +166,9 @@ def test_a_two_process_checkpoint_resumes_on_one_process_and_trains_on(reference
     assert any(not torch.equal(after[k], student[k]) for k in student)  # G stepped once more
     rows = metrics(run)
     assert [r["iteration"] for r in rows] == list(range(1, more + 1))
-    assert all(torch.isfinite(torch.tensor(v)) for r in rows[ITERATIONS:] for k, v in r.items() if k.startswith("loss/"))
+    assert all(
+        torch.isfinite(torch.tensor(v)) for r in rows[ITERATIONS:] for k, v in r.items() if k.startswith("loss/")
+    )
 
 
 # ---- single-process checks of the checkpoint machinery ---------------------------------------------------------
@@ -190,9 +198,9 @@ def test_init_optimizer_state_is_exactly_the_state_a_first_step_would_create():
 def test_saving_every_iteration_does_not_change_training(dist_assets, tmp_path):
     """One process, tiny FLUX, 4 iterations: a checkpoint after every iteration (G's optimiser saved before its
     first step) ends with the same weights as a run that saves only at the end."""
+    from dist_runs import asset_overrides, config_path
     from senseflow.config import load_config
     from senseflow.trainer import get_trainer
-    from dist_runs import asset_overrides, config_path
 
     finals = []
     for every in (1, 1000):

@@ -42,7 +42,9 @@ def _family(tiny_teacher, kind, **kw):
 # ---- anchors (§4.1) ------------------------------------------------------------------------------------------
 
 def test_sdxl_anchors():
-    sched = DDPMSchedule.from_scheduler_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    sched = DDPMSchedule.from_scheduler_config(
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    )
     anchors = make_anchors(sched, 4)
     assert anchors.tolist() == [999, 749, 499, 249]
     assert [round(v, 4) for v in sched.alphas_cumprod[anchors].sqrt().tolist()] == [0.0683, 0.2380, 0.5269, 0.8218]
@@ -83,7 +85,9 @@ def test_bad_step_counts_are_rejected():
 
 def _stock(pipe, output_type, **kw):
     pipe.set_progress_bar_config(disable=True)
-    return pipe(PROMPTS, height=RES, width=RES, generator=torch.Generator().manual_seed(0), output_type=output_type, **kw).images
+    return pipe(
+        PROMPTS, height=RES, width=RES, generator=torch.Generator().manual_seed(0), output_type=output_type, **kw
+    ).images
 
 
 def _compare(fam, net, pipe, call, guidance_scale=None):
@@ -115,7 +119,9 @@ def test_sd35_euler_equals_pipeline(tiny_teacher, kind):
 
     fam = _family(tiny_teacher, kind)
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_teacher(kind), local_files_only=True)
-    _compare(fam, fam.load_denoiser(), pipe, dict(sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=1.0, max_sequence_length=77))
+    _compare(
+        fam, fam.load_denoiser(), pipe, dict(sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=1.0, max_sequence_length=77)
+    )
 
 
 def test_flux_teacher_euler_equals_pipeline_with_guidance(tiny_teacher):
@@ -164,7 +170,9 @@ def test_stochastic_sampler_equals_flow_euler_scheduler_with_stochastic_sampling
 
     fam, net, cond, anchors, shape = sd3
     ours = sample_stochastic(fam, net, cond, anchors, torch.Generator().manual_seed(3), shape)
-    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_teacher("sd35-large"), subfolder="scheduler", stochastic_sampling=True)
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        tiny_teacher("sd35-large"), subfolder="scheduler", stochastic_sampling=True
+    )
     sched.set_timesteps(sigmas=flow_anchor_grid(4))
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=gen)

@@ -13,7 +13,9 @@ from senseflow.method.schedules import (
     static_shift,
 )
 
-SDXL_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+SDXL_SCHEDULER = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"
+}
 GRID = [999, 749, 499, 249]
 
 
@@ -91,7 +93,9 @@ def test_ddpm_conversions_and_deterministic_step():
     assert torch.allclose(x.double(), a.sqrt() * x0.double() + (1 - a).sqrt() * eps.double(), atol=1e-6)
     assert torch.allclose(s.x0_from(x, eps, t), x0, atol=1e-4)
     # DDIM move with the true ε lands on the forward process; t = -1 (ᾱ = 1) returns x̂₀
-    assert torch.allclose(s.step(x, eps, t, torch.tensor([749, 0])), s.add_noise(x0, eps, torch.tensor([749, 0])), atol=1e-4)
+    assert torch.allclose(
+        s.step(x, eps, t, torch.tensor([749, 0])), s.add_noise(x0, eps, torch.tensor([749, 0])), atol=1e-4
+    )
     assert torch.allclose(s.step(x, eps, t, s.final_tau(x)), x0, atol=1e-4)
 
 

@@ -15,7 +15,8 @@ from senseflow.cli import main
 from senseflow.teacher.train import CARD, CONFIG_FILE, Stage
 
 FEW_STEPS = ["vae_training.steps=3", "vae_training.batch_size=4", "denoiser_training.steps=4",
-             "denoiser_training.batch_size=4", "guidance_distillation.batch_size=4", "guidance_distillation.eval_samples=4",
+             "denoiser_training.batch_size=4", "guidance_distillation.batch_size=4",
+             "guidance_distillation.eval_samples=4",
              "sample.steps=2", "sample.num_prompts=2", "sample.images_per_prompt=2", "checkpoint_every=2"]
 
 

@@ -19,16 +19,23 @@ from senseflow.tiny import (
 )
 
 LAYOUT = {
-    "sdxl": ("StableDiffusionXLPipeline", ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]),
-    "sd35-medium": ("StableDiffusion3Pipeline", ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
-                                                 "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"]),
-    "flux": ("FluxPipeline", ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]),
+    "sdxl": ("StableDiffusionXLPipeline", ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                                           "scheduler"]),
+    "sd35-medium": ("StableDiffusion3Pipeline", ["transformer", "vae", "text_encoder", "text_encoder_2",
+                                                 "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
+                                                 "scheduler"]),
+    "flux": ("FluxPipeline", ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                              "scheduler"]),
 }
 LAYOUT["sd35-large"] = LAYOUT["sd35-medium"]
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_KINDS))
@@ -45,16 +52,24 @@ def test_folder_has_the_diffusers_layout(tiny_teacher, kind):
 def test_schedulers_and_vae_factors_are_the_real_ones(tiny_teacher):
     sdxl = json.loads((tiny_teacher("sdxl") / "scheduler" / "scheduler_config.json").read_text())
     assert sdxl["_class_name"] == "EulerDiscreteScheduler"
-    assert (sdxl["beta_schedule"], sdxl["beta_start"], sdxl["beta_end"], sdxl["num_train_timesteps"]) == ("scaled_linear", 0.00085, 0.012, 1000)
+    assert (sdxl["beta_schedule"], sdxl["beta_start"], sdxl["beta_end"], sdxl["num_train_timesteps"]) == (
+        "scaled_linear", 0.00085, 0.012, 1000
+    )
     assert sdxl["prediction_type"] == "epsilon"
     sd3 = json.loads((tiny_teacher("sd35-medium") / "scheduler" / "scheduler_config.json").read_text())
-    assert sd3["_class_name"] == "FlowMatchEulerDiscreteScheduler" and sd3["shift"] == 3.0 and not sd3["use_dynamic_shifting"]
+    assert (
+        sd3["_class_name"] == "FlowMatchEulerDiscreteScheduler" and sd3["shift"] == 3.0
+        and not sd3["use_dynamic_shifting"]
+    )
     flux = json.loads((tiny_teacher("flux") / "scheduler" / "scheduler_config.json").read_text())
     assert flux["use_dynamic_shifting"] and (flux["base_shift"], flux["max_shift"]) == (0.5, 1.15)
     assert (flux["base_image_seq_len"], flux["max_image_seq_len"]) == (256, 4096)
 
     vae = {k: json.loads((tiny_teacher(k) / "vae" / "config.json").read_text()) for k in ("sdxl", "sd35-large", "flux")}
-    assert vae["sdxl"]["scaling_factor"] == 0.13025 and vae["sdxl"]["shift_factor"] is None and vae["sdxl"]["latent_channels"] == 4
+    assert (
+        vae["sdxl"]["scaling_factor"] == 0.13025 and vae["sdxl"]["shift_factor"] is None
+        and vae["sdxl"]["latent_channels"] == 4
+    )
     assert (vae["sd35-large"]["scaling_factor"], vae["sd35-large"]["shift_factor"]) == (1.5305, 0.0609)
     assert (vae["flux"]["scaling_factor"], vae["flux"]["shift_factor"]) == (0.3611, 0.1159)
     assert all(len(v["block_out_channels"]) == 4 for v in vae.values())  # 8x like the real VAEs
@@ -139,7 +154,9 @@ def test_discriminator_backbones(tmp_path):
 
     paths = build_tiny_discriminator_backbones(tmp_path / "bb", seed=0)
     dino = Dinov2Model.from_pretrained(paths["dino"], local_files_only=True)
-    assert (dino.config.patch_size, dino.config.image_size, dino.config.hidden_size, dino.config.num_hidden_layers) == (8, 64, 32, 4)
+    assert (
+        dino.config.patch_size, dino.config.image_size, dino.config.hidden_size, dino.config.num_hidden_layers
+    ) == (8, 64, 32, 4)
     out = dino(pixel_values=torch.zeros(2, 3, 64, 64), output_hidden_states=True)
     assert out.last_hidden_state.shape == (2, 1 + 64, 32) and len(out.hidden_states) == 5
     clip = CLIPTextModelWithProjection.from_pretrained(paths["clip"], local_files_only=True)

@@ -133,8 +133,8 @@ def test_two_accumulation_steps_of_batch_1_equal_one_step_of_batch_2(tiny_assets
     thing its optimiser steps on) and its updated weights agree.
 
     The GAN is off because BatchNormLocal normalises over the micro-batch (a batch of 2 is not two batches of 1).
-    Tolerances: gradients within 1e-4 of each tensor's largest entry, weights 1e-5 absolute, 1% of the 1e-3 step (float32 summation
-    order differs between one batch of 2 and two batches of 1).
+    Tolerances: gradients within 1e-4 of each tensor's largest entry, weights 1e-5 absolute, 1% of the 1e-3 step
+    (float32 summation order differs between one batch of 2 and two batches of 1).
     """
     common = ["method.gd=1", "train.iterations=1", "method.gan.enabled=false", "method.backward_simulation_prob=0.0",
               "optimizer.lr_generator=1e-3", "optimizer.lr_start=1e-3", "optimizer.grad_clip=null"]
@@ -179,7 +179,11 @@ def test_launcher_runs_the_tiny_config_with_one_process(name, tiny_assets, tmp_p
         "flux_senseflow": "exp_flux/train_flux_senseflow.sh",
     }[name]
     run = tmp_path / "run"
-    env = dict(os.environ, MASTER_PORT=str(29500 + TRAINER_NAMES.index(name)), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        MASTER_PORT=str(29500 + TRAINER_NAMES.index(name)),
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
     proc = subprocess.run(
         ["sh", str(REPO / launcher), "1", "1", str(REPO / "configs" / "tiny" / f"{name}.yaml"), str(run),
          *asset_overrides(tiny_assets, name)],

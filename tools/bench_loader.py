@@ -29,7 +29,9 @@ from senseflow.data import ImageCaptionDataset, LatentLMDBDataset, build_dataloa
 
 def make_png(path: Path, width: int, height: int, rng: np.random.Generator) -> None:
     """A smooth random colour field (bilinear upsampling of an 8×8 grid) plus mild noise."""
-    grid = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BILINEAR)
+    grid = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
     a = np.asarray(grid).astype(np.int16) + rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
     Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path, compress_level=6)
 

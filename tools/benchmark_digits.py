@@ -18,8 +18,15 @@ from pathlib import Path
 
 import torch
 
-from senseflow.digits.benchmark import (STUDENT_SAMPLERS, EvalSpec, Evaluator, classifier_heldout_accuracy,
-                                        image_grid, plot_curves, write_results)
+from senseflow.digits.benchmark import (
+    STUDENT_SAMPLERS,
+    EvalSpec,
+    Evaluator,
+    classifier_heldout_accuracy,
+    image_grid,
+    plot_curves,
+    write_results,
+)
 from senseflow.digits.demo import DEFAULT_CONFIG, _free_port, prepare_assets, repo_root, train_command
 from senseflow.digits.teacher import default_teacher_path
 
@@ -49,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-digit", type=int, default=20, help="evaluation images per digit")
     p.add_argument("--parallel", type=int, default=2, help="training runs at once (1 thread each)")
     p.add_argument("--teacher", default=None)
-    p.add_argument("--teacher-guidance", type=float, default=None, help="teacher CFG scale (default: its training record's)")
+    p.add_argument("--teacher-guidance", type=float, default=None,
+                   help="teacher CFG scale (default: its training record's)")
     p.add_argument("--config", default=None)
     p.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of: " + ", ".join(METHODS))
     p.add_argument("--clean", action="store_true", help="delete the training runs afterwards")
@@ -79,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
             env = dict(__import__("os").environ, MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
             log = open(work / f"{slug(name)}.log", "w")
-            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter()))
+            running.append(
+                (name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.perf_counter())
+            )
         for item in list(running):
             name, proc, t0 = item
             if proc.poll() is not None:
@@ -120,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     results += euler_rows
     hlines = {"teacher 4-step Euler": results[1].fd_teacher, "teacher 28-step (floor)": results[0].fd_teacher}
     plot_curves(curves, hlines, out / "fdt_curve.png")
-    meta = {"command": "python " + " ".join(["tools/benchmark_digits.py", *(argv if argv is not None else sys.argv[1:])]),
+    meta = {"command": "python " + " ".join(["tools/benchmark_digits.py",
+                                             *(argv if argv is not None else sys.argv[1:])]),
             "per_digit": args.per_digit, "teacher_guidance": ev.spec.teacher_guidance, "iterations": args.iterations,
             "save_every": args.save_every,
-            "teacher": str(teacher), "config": str(config), "classifier_heldout_accuracy": classifier_heldout_accuracy(),
+            "teacher": str(teacher), "config": str(config),
+            "classifier_heldout_accuracy": classifier_heldout_accuracy(),
             "curves": curves, "total_seconds": time.perf_counter() - t_start}
     write_results(out, results, meta, stem="results")
     if args.clean:

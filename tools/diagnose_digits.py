@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regression-steps", type=int, default=0, help="steps of the supervised bound (0: skip)")
     p.add_argument("--regression-eval", type=int, nargs="*", default=None,
                    help="steps at which the bound's Euler FD-T is scored (default: the last)")
-    p.add_argument("--regression-lr", type=float, default=1e-4, help="AdamW lr of the bound (cosine to 0; default 1e-4)")
-    p.add_argument("--regression-batch", type=int, default=8, help="batch of the bound (default 8, the digits config's)")
+    p.add_argument("--regression-lr", type=float, default=1e-4,
+                   help="AdamW lr of the bound (cosine to 0; default 1e-4)")
+    p.add_argument("--regression-batch", type=int, default=8,
+                   help="batch of the bound (default 8, the digits config's)")
     p.add_argument("--seed", type=int, default=0, help="noise/prompt seed of the bound (default 0)")
     p.add_argument("--out", default=None, help="also write the numbers as JSON here")
     args = p.parse_args(argv)

@@ -18,8 +18,9 @@ Modes:
 
 ``toy``      the placement rules on a small block model: ``fsdp`` (meta-device build on ranks > 0),
              ``fsdp_plain`` (no config: built everywhere, rank 0's weights broadcast), ``hsdp`` (2-D mesh, one rank per
-             "node") and ``ddp`` each train a few AdamW steps with clipping on rank-specific data; writes ``rank<r>.json`` with
-             the final full weights' hash and max difference to a single-process run on the union of the data.
+             "node") and ``ddp`` each train a few AdamW steps with clipping on rank-specific data; writes
+             ``rank<r>.json`` with the final full weights' hash and max difference to a single-process run on the
+             union of the data.
 
 usage: torchrun --nproc_per_node 2 tools/dist_probe.py trainer TRAINER CONFIG RUN_DIR OUT_DIR [key=value ...]
        torchrun --nproc_per_node 2 tools/dist_probe.py toy OUT_DIR
@@ -59,7 +60,8 @@ def _describe(module: nn.Module | None) -> dict[str, dict[str, Any]]:
             out[name] = {"type": "DTensor", "placements": [str(pl) for pl in p.placements],
                          "local_shape": list(p.to_local().shape), "global_shape": list(p.shape)}
         else:
-            out[name] = {"type": "Tensor", "placements": [], "local_shape": list(p.shape), "global_shape": list(p.shape)}
+            out[name] = {"type": "Tensor", "placements": [],
+                         "local_shape": list(p.shape), "global_shape": list(p.shape)}
     return out
 
 
@@ -70,9 +72,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def probe_trainer(args: argparse.Namespace) -> None:
     from senseflow import dist as sfdist
     from senseflow.config import load_config
-    from senseflow.trainer import get_trainer
-
     from senseflow.models.families.loading import DiffusersFamily
+    from senseflow.trainer import get_trainer
 
     full_copies = {"teacher_loads": 0, "student_copies": 0}  # full networks materialised on this rank
 

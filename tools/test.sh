@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash tools/install.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+ruff check senseflow tools tests scripts_flux scripts_sd35 scripts_sdxl
 python -m pytest -q tests "$@"

@@ -41,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from senseflow.digits.classifier import ClassifierConfig, accuracy, load_classifier, save_classifier, train_classifier
+    from senseflow.digits.classifier import (
+        ClassifierConfig,
+        accuracy,
+        load_classifier,
+        save_classifier,
+        train_classifier,
+    )
     from senseflow.digits.data import DigitsDataConfig, export_json_dataset, load_digits_data
 
     classifier = None
@@ -51,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         classifier = train_classifier(*data.subset("train"), ClassifierConfig(), seed=args.seed)
         acc = accuracy(classifier, *data.subset("heldout"))
         wall = time.perf_counter() - t0
-        save_classifier(classifier, args.classifier_out, extra={"heldout_accuracy": acc, "seed": args.seed, "wall_time_s": wall})
-        print(f"classifier: held-out accuracy {acc:.4f} ({len(data.heldout_index)} images), {wall:.0f}s -> {args.classifier_out}")
+        save_classifier(
+            classifier, args.classifier_out, extra={"heldout_accuracy": acc, "seed": args.seed, "wall_time_s": wall}
+        )
+        print(
+            f"classifier: held-out accuracy {acc:.4f} ({len(data.heldout_index)} images), {wall:.0f}s "
+            f"-> {args.classifier_out}"
+        )
 
     if args.out is not None:
         from senseflow.digits.teacher import evaluate_teacher, load_teacher
@@ -62,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         dataset = args.data / "dataset.json"
         if not dataset.is_file():
             export_json_dataset(args.data)
-        main_teacher(["train", "--family", args.family, "--data", str(dataset), "--out", str(args.out), *args.overrides])
+        main_teacher(
+            ["train", "--family", args.family, "--data", str(dataset), "--out", str(args.out), *args.overrides]
+        )
         if args.no_eval:
             return 0
         card = json.loads((args.out / CARD).read_text())

@@ -77,7 +77,9 @@ def resolve_vae_folder(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
         return p, "vae"
     if (p / "config.json").exists():
         return p, None
-    raise FileNotFoundError(f"{p}: no VAE found; expected <folder>/vae/config.json (a diffusers pipeline) or <folder>/config.json")
+    raise FileNotFoundError(
+        f"{p}: no VAE found; expected <folder>/vae/config.json (a diffusers pipeline) or <folder>/config.json"
+    )
 
 
 def load_vae(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -140,9 +140,16 @@ class LatentCache(TensorCache):
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], source: str | os.PathLike[str], resolution: int, encoder: str, crop: str = "center"
+        self,
+        directory: str | os.PathLike[str],
+        source: str | os.PathLike[str],
+        resolution: int,
+        encoder: str,
+        crop: str = "center",
     ) -> None:
-        super().__init__(directory, source_fingerprint(source, kind="latent", resolution=resolution, encoder=encoder, crop=crop))
+        super().__init__(
+            directory, source_fingerprint(source, kind="latent", resolution=resolution, encoder=encoder, crop=crop)
+        )
         self.crop = crop
 
     def get(self, key: str) -> Tensor | None:
@@ -160,9 +167,15 @@ class EmbeddingCache(TensorCache):
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], source: str | os.PathLike[str], encoder: str, max_length: int | None = None
+        self,
+        directory: str | os.PathLike[str],
+        source: str | os.PathLike[str],
+        encoder: str,
+        max_length: int | None = None,
     ) -> None:
-        super().__init__(directory, source_fingerprint(source, kind="embedding", encoder=encoder, max_length=max_length))
+        super().__init__(
+            directory, source_fingerprint(source, kind="embedding", encoder=encoder, max_length=max_length)
+        )
 
     def get(self, key: str) -> dict[str, Tensor] | None:
         return self.get_entry(key)

@@ -90,7 +90,9 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _check_image_records(report: CheckReport, resolution: int | None, limit: int | None, decode: bool, max_aspect: float) -> None:
+def _check_image_records(
+    report: CheckReport, resolution: int | None, limit: int | None, decode: bool, max_aspect: float
+) -> None:
     try:
         records = open_records(report.path)
     except (DataError, FileNotFoundError) as e:
@@ -122,7 +124,9 @@ def _check_image_records(report: CheckReport, resolution: int | None, limit: int
             report.add(ERROR, "missing_image", f"{loc}: image {rec.image_path} does not exist", i)
             continue
         except IMAGE_LOAD_ERRORS as e:
-            report.add(ERROR, "unreadable_image", f"{loc}: image {rec.image_path} is unreadable ({type(e).__name__}: {e})", i)
+            report.add(
+                ERROR, "unreadable_image", f"{loc}: image {rec.image_path} is unreadable ({type(e).__name__}: {e})", i
+            )
             continue
         if resolution is not None and min(w, h) < resolution:
             report.add(WARNING, "small_image", f"{loc}: image is {w}×{h}, smaller than {resolution} (upscaled)", i)
@@ -131,14 +135,19 @@ def _check_image_records(report: CheckReport, resolution: int | None, limit: int
             report.add(WARNING, "extreme_aspect", f"{loc}: aspect ratio {w}×{h}; the square crop keeps {kept:.1f}%", i)
 
 
-def _lmdb_resolution_problem(path: Path, header: LMDBHeader, resolution: int | None, vae_scale_factor: int) -> str | None:
+def _lmdb_resolution_problem(
+    path: Path, header: LMDBHeader, resolution: int | None, vae_scale_factor: int
+) -> str | None:
     if resolution is None:
         return None
     h = header.latent_shape[1]
     implied = header.resolution or h * vae_scale_factor
     if implied != resolution:
         src = "stored 'resolution'" if header.resolution else f"latent side {h} × vae_scale_factor {vae_scale_factor}"
-        return f"{path}: latents are {'×'.join(map(str, header.latent_shape))} ({src} = {implied} px) but the training resolution is {resolution}"
+        return (
+            f"{path}: latents are {'×'.join(map(str, header.latent_shape))} ({src} = {implied} px) "
+            f"but the training resolution is {resolution}"
+        )
     return None
 
 
@@ -167,7 +176,9 @@ def _check_lmdb(report: CheckReport, resolution: int | None, limit: int | None, 
             if lat is None:
                 report.add(ERROR, "missing_latent", f"{loc}: missing '{latent_key(i).decode()}'", i)
             elif len(lat) != header.latent_nbytes:
-                report.add(ERROR, "latent_size", f"{loc}: latent has {len(lat)} bytes, expected {header.latent_nbytes}", i)
+                report.add(
+                    ERROR, "latent_size", f"{loc}: latent has {len(lat)} bytes, expected {header.latent_nbytes}", i
+                )
             else:
                 a = np.frombuffer(lat, dtype="<f2")
                 if not np.isfinite(a).all():
@@ -189,9 +200,18 @@ def _check_lmdb(report: CheckReport, resolution: int | None, limit: int | None, 
                     except (UnicodeDecodeError, ValueError):
                         ok = False
                     if not ok:
-                        report.add(ERROR, "bad_size_crop", f"{loc}: '{k.decode()}' must be ASCII 'a b', got {bytes(v)[:20]!r}", i)
+                        report.add(
+                            ERROR,
+                            "bad_size_crop",
+                            f"{loc}: '{k.decode()}' must be ASCII 'a b', got {bytes(v)[:20]!r}",
+                            i,
+                        )
         if txn.get(latent_key(header.count)) is not None:
-            report.add(WARNING, "extra_records", f"{p}: holds '{latent_key(header.count).decode()}' beyond latents_shape N={header.count}")
+            report.add(
+                WARNING,
+                "extra_records",
+                f"{p}: holds '{latent_key(header.count).decode()}' beyond latents_shape N={header.count}",
+            )
 
 
 def check_dataset(

@@ -30,7 +30,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["CROP_MODES", "RESAMPLE", "PreparedImage", "load_image", "to_rgb", "crop_box", "prepare_image", "pil_to_tensor"]
+__all__ = [
+    "CROP_MODES", "RESAMPLE", "PreparedImage", "load_image", "to_rgb", "crop_box", "prepare_image", "pil_to_tensor"
+]
 
 CROP_MODES = ("center", "random")
 RESAMPLE = {
@@ -44,7 +46,8 @@ _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """A training image: ``pixels`` (3, R, R) float32 in [−1, 1], ``original_size`` (h, w), ``crop_coords`` (top, left)."""
+    """A training image: ``pixels`` (3, R, R) float32 in [−1, 1], ``original_size`` (h, w),
+    ``crop_coords`` (top, left)."""
 
     pixels: Tensor
     original_size: tuple[int, int]

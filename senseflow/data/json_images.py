@@ -71,7 +71,9 @@ class ImageCaptionDataset(Dataset):
         self.resolution, self.crop, self.seed, self.repeat = resolution, crop, seed, repeat
         self.resample, self.reducing_gap = resample, reducing_gap
         if latent_cache is not None and latent_cache.crop != crop:
-            raise ValueError(f"latent cache {latent_cache.directory} holds {latent_cache.crop!r} crops; the data set uses {crop!r}")
+            raise ValueError(
+                f"latent cache {latent_cache.directory} holds {latent_cache.crop!r} crops; the data set uses {crop!r}"
+            )
         self.latent_cache = self._complete_or_none(latent_cache, "latent")
         self.embedding_cache = self._complete_or_none(embedding_cache, "embedding")
 
@@ -80,7 +82,9 @@ class ImageCaptionDataset(Dataset):
         if cache is None:
             return None
         if cache.stale:
-            logger.warning("%s cache %s is stale (source or settings changed); not used until rebuilt", what, cache.directory)
+            logger.warning(
+                "%s cache %s is stale (source or settings changed); not used until rebuilt", what, cache.directory
+            )
             return None
         try:
             keys = [r.key for r in self.records]
@@ -117,7 +121,9 @@ class ImageCaptionDataset(Dataset):
         except FileNotFoundError:
             raise BadSampleError(f"{loc}: image {rec.image_path} does not exist", index) from None
         except IMAGE_LOAD_ERRORS as e:
-            raise BadSampleError(f"{loc}: image {rec.image_path} is unreadable ({type(e).__name__}: {e})", index) from None
+            raise BadSampleError(
+                f"{loc}: image {rec.image_path} is unreadable ({type(e).__name__}: {e})", index
+            ) from None
         gen = generator_for(self.seed, epoch, index) if self.crop == "random" else None
         try:
             prep = prepare_image(im, self.resolution, self.crop, gen, self.resample, self.reducing_gap)

@@ -124,7 +124,9 @@ def open_lmdb_readonly(path: str | os.PathLike[str]) -> lmdb.Environment:
         del _SHARED[key]
         _close_quietly(env)
     try:
-        env = lmdb.open(str(p), subdir=p.is_dir(), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+        env = lmdb.open(
+            str(p), subdir=p.is_dir(), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512
+        )
     except lmdb.Error as e:
         raise DataError(f"{p}: cannot open as LMDB ({e})") from None
     _SHARED[key] = (os.getpid(), ident, env)
@@ -144,7 +146,9 @@ def _ascii_ints(raw: bytes | None, what: str, path: Path, count: int | None = No
     try:
         values = [int(v) for v in bytes(raw).decode("ascii").split()]
     except (UnicodeDecodeError, ValueError):
-        raise DataError(f"{path}: '{what}' must be ASCII integers separated by spaces, got {bytes(raw)[:40]!r}") from None
+        raise DataError(
+            f"{path}: '{what}' must be ASCII integers separated by spaces, got {bytes(raw)[:40]!r}"
+        ) from None
     if count is not None and len(values) != count:
         raise DataError(f"{path}: '{what}' must hold {count} integers, got {values}")
     return values
@@ -189,14 +193,18 @@ def read_lmdb_header(path: str | os.PathLike[str], env: lmdb.Environment | None 
     if not prompt_count:
         raise DataError(f"{p}: 'prompts_shape' is empty")
     if prompt_count[0] != shape[0]:
-        raise DataError(f"{p}: 'prompts_shape' says {prompt_count[0]} prompts but 'latents_shape' says {shape[0]} latents")
+        raise DataError(
+            f"{p}: 'prompts_shape' says {prompt_count[0]} prompts but 'latents_shape' says {shape[0]} latents"
+        )
     res = _ascii_ints(res_raw, "resolution", p, 1)
-    return LMDBHeader(shape[0], (shape[1], shape[2], shape[3]), prompt_count[0], res[0] if res else None, progress is not None)
+    return LMDBHeader(
+        shape[0], (shape[1], shape[2], shape[3]), prompt_count[0], res[0] if res else None, progress is not None
+    )
 
 
 class LatentLMDBDataset(Dataset):
-    """DMD2-layout latents: sample = {``latents`` fp32 (C, H, W), ``caption``, ``original_size`` (2,), ``crop_coords`` (2,),
-    ``key``, ``index``}.
+    """DMD2-layout latents: sample = {``latents`` fp32 (C, H, W), ``caption``, ``original_size`` (2,),
+    ``crop_coords`` (2,), ``key``, ``index``}.
 
     ``resolution`` R sets the default original_size (R, R); when None it is the stored ``resolution`` key, else
     H·``vae_scale_factor``.

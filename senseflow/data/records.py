@@ -183,7 +183,9 @@ class JsonlRecords(RecordSource):
                     lines.append(lineno)
                 pos += len(raw)
         if not offsets:
-            raise DataError(f"{self.path}: file is empty; expected one JSON record {{{', '.join(JSONL_FIELDS)}}} per line")
+            raise DataError(
+                f"{self.path}: file is empty; expected one JSON record {{{', '.join(JSONL_FIELDS)}}} per line"
+            )
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._lines = np.asarray(lines, dtype=np.int64)
         self._fh = None
@@ -235,7 +237,9 @@ class JsonlRecords(RecordSource):
         except json.JSONDecodeError as e:
             raise DataError(f"{loc}: invalid JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{loc}: a record must be an object {{{', '.join(JSONL_FIELDS)}}}, got {type(obj).__name__}")
+            raise DataError(
+                f"{loc}: a record must be an object {{{', '.join(JSONL_FIELDS)}}}, got {type(obj).__name__}"
+            )
         missing = [k for k in JSONL_FIELDS if k not in obj]
         if missing:
             raise DataError(f"{loc}: missing field(s) {missing}; expected {list(JSONL_FIELDS)}")

@@ -28,7 +28,13 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
     """Yields (epoch, index) for global rank ``rank`` of ``world_size`` from global position ``start`` on."""
 
     def __init__(
-        self, num_samples: int, world_size: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True, drop_last: bool = True
+        self,
+        num_samples: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"the data set is empty (num_samples={num_samples})")
@@ -55,7 +61,8 @@ class ResumableDistributedSampler(Sampler[tuple[int, int]]):
         """Select epoch ``epoch`` and the global position ``start`` (a multiple of the world size) to begin at."""
         if start % self.world_size or not 0 <= start <= self.epoch_positions:
             raise ValueError(
-                f"start position {start} must be a multiple of world_size {self.world_size} in [0, {self.epoch_positions}]"
+                f"start position {start} must be a multiple of world_size {self.world_size} "
+                f"in [0, {self.epoch_positions}]"
             )
         self.epoch, self.start = int(epoch), int(start)
 

@@ -217,7 +217,9 @@ def image_grid(images: Tensor, digits: Sequence[int], columns: int, scale: int =
         idx = [j for j, v in enumerate(digits) if v == d][:columns]
         for c, j in enumerate(idx):
             arr = ((images[j].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            grid.paste(Image.fromarray(arr).resize((w * scale, h * scale), Image.NEAREST), (c * w * scale, d * h * scale))
+            grid.paste(
+                Image.fromarray(arr).resize((w * scale, h * scale), Image.NEAREST), (c * w * scale, d * h * scale)
+            )
     return grid
 
 
@@ -234,7 +236,9 @@ def results_markdown(results: Sequence[MethodResult], classifier_accuracy: float
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: str | Path, results: Sequence[MethodResult], meta: dict, stem: str = "metrics") -> tuple[Path, Path]:
+def write_results(
+    out_dir: str | Path, results: Sequence[MethodResult], meta: dict, stem: str = "metrics"
+) -> tuple[Path, Path]:
     """``<stem>.json`` ({"meta", "results"}) and ``<stem>.md`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,8 +275,13 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], hlines: dict[str, fl
     ys = [y for c in curves.values() for _, y in c] + list(hlines.values()) or [0, 1]
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
     y0, y1 = 0.0, max(ys) * 1.05
-    px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)
-    py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * (w - left - right)
+
+    def py(y):
+        return h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
+
     dr.rectangle([left, top, w - right, h - bottom], outline="black")
     for k in range(5):
         yv = y0 + k * (y1 - y0) / 4

@@ -53,7 +53,8 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         if self.resolution % 2 ** len(self.channels):
             raise ValueError(
-                f"ClassifierConfig.resolution {self.resolution} must be divisible by 2^len(channels) = {2 ** len(self.channels)}"
+                f"ClassifierConfig.resolution {self.resolution} must be divisible by "
+                f"2^len(channels) = {2 ** len(self.channels)}"
             )
 
 
@@ -76,7 +77,9 @@ class DigitClassifier(nn.Module):
     def _check(self, x: Tensor) -> None:
         r = self.config.resolution
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, r, r):
-            raise ValueError(f"DigitClassifier expects images of shape (B, 3, {r}, {r}) in [-1, 1], got {tuple(x.shape)}")
+            raise ValueError(
+                f"DigitClassifier expects images of shape (B, 3, {r}, {r}) in [-1, 1], got {tuple(x.shape)}"
+            )
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features f(x), shape (B, feature_dim)."""

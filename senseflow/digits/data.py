@@ -72,7 +72,9 @@ class DigitsDataConfig:
         if self.resolution < 8:
             raise ValueError(f"DigitsDataConfig.resolution must be >= 8 (the originals are 8x8), got {self.resolution}")
         if self.interpolation not in ("bilinear", "bicubic"):
-            raise ValueError(f"DigitsDataConfig.interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
+            raise ValueError(
+                f"DigitsDataConfig.interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}"
+            )
         if not self.templates:
             raise ValueError("DigitsDataConfig.templates must hold at least one caption phrasing")
         for t in self.templates:

@@ -4,8 +4,10 @@ Steps (every path under ``--out``):
 
 1. ``data/dataset.json`` — the digits as a docs/method.md §13.1 JSON image-caption set (:func:`export_json_dataset`);
 2. ``backbones/`` — tiny random DINOv2 + CLIP-text folders for the VFM discriminator (``senseflow tiny``);
-3. ``run/`` — SenseFlow training through the same launcher and SD3.5 trainer as a real run:
-   ``sh exp_sd35/train_SD35_senseflow.sh 1 1 configs/SD35/digits_senseflow.yaml <out>/run key=value…``;
+3. ``run/`` — training through the same launcher and trainer as a real run (``--trainer``, default the SD3.5
+   one): ``sh exp_sd35/train_SD35_senseflow.sh 1 1 configs/SD35/digits_senseflow.yaml <out>/run key=value…``;
+   with ``--trainer``, ``--teacher`` and ``--config`` any trainer distils a digits teacher of its family
+   (``senseflow teacher train``, ``configs/digits/<trainer>.yaml``);
 4. ``student_grid.png`` / ``teacher_grid.png`` / ``grids.png`` — rows = digits 0..9, columns = seeds;
 5. ``metrics.md`` / ``metrics.json`` — prompt accuracy, FD to real digits and FD-T (see
    :mod:`senseflow.digits.benchmark`) for the teacher 28-step, teacher 4- and 2-step Euler (2 steps = the
@@ -40,7 +42,8 @@ def repo_root() -> Path:
     """The source checkout holding ``configs/`` and ``exp_sd35/`` (the package is installed editable)."""
     root = Path(__file__).resolve().parents[2]
     if not (root / LAUNCHER).is_file():
-        raise FileNotFoundError(f"{root / LAUNCHER} not found: `senseflow demo` needs the source checkout (pip install -e .)")
+        raise FileNotFoundError(f"{root / LAUNCHER} not found: `senseflow demo` needs the source checkout "
+                                "(pip install -e .)")
     return root
 
 
@@ -146,14 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--iterations", type=int, default=None,
                    help="training iterations (default: the config's); the cosine LR decay is stretched to match")
-    p.add_argument("--samples-per-digit", type=int, default=30, help="evaluation images per digit (default 30: FD-T noise floor ≈ 3.5, docs/benchmarks.md)")
+    p.add_argument("--samples-per-digit", type=int, default=30,
+                   help="evaluation images per digit (default 30: FD-T noise floor ≈ 3.5, docs/benchmarks.md)")
     p.add_argument("--grid-columns", type=int, default=6, help="seeds shown per digit in the grids (default 6)")
     p.add_argument("--config", default=None, help=f"training config (default {DEFAULT_CONFIG} of the checkout)")
     p.add_argument("--trainer", default="sd35_senseflow", choices=sorted(LAUNCHERS),
                    help="the trainer (and its launcher) that distils the teacher (default sd35_senseflow)")
-    p.add_argument("--teacher", default=None, help="teacher folder (default the shipped senseflow/assets/digits_teacher)")
-    p.add_argument("--teacher-guidance", type=float, default=None, help="teacher CFG scale of the evaluation (default: the scale in the teacher's training record, 4 for the shipped one)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (OMP_NUM_THREADS) of training and evaluation (default 1: on a shared 2-core machine 2 threads oversubscribe and run ~5x slower)")
+    p.add_argument("--teacher", default=None,
+                   help="teacher folder (default the shipped senseflow/assets/digits_teacher)")
+    p.add_argument("--teacher-guidance", type=float, default=None,
+                   help="teacher guidance scale of the evaluation (default: the one in the teacher's card or "
+                        "training record, 4 for the shipped one)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (OMP_NUM_THREADS) of training and evaluation (default 1: on a shared 2-core "
+                        "machine 2 threads oversubscribe and run ~5x slower)")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides for the training run")
     return p
 
@@ -166,7 +175,8 @@ def main_demo(argv: Sequence[str]) -> int:
 
     args = build_parser().parse_args(list(argv))
     if args.samples_per_digit < 2:
-        raise ValueError(f"--samples-per-digit must be ≥ 2, got {args.samples_per_digit} (the grids and FD need several seeds per digit)")
+        raise ValueError(f"--samples-per-digit must be ≥ 2, got {args.samples_per_digit} (the grids and FD need "
+                         "several seeds per digit)")
     t_start = time.perf_counter()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -120,7 +120,9 @@ def guided_regression(ev: Evaluator, steps: int, lr: float, batch_size: int, see
     from senseflow.digits.metrics import fd_between
 
     if steps < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"guided_regression: steps, batch_size ≥ 1 and lr > 0 expected, got {steps}, {batch_size}, {lr}")
+        raise ValueError(
+            f"guided_regression: steps, batch_size ≥ 1 and lr > 0 expected, got {steps}, {batch_size}, {lr}"
+        )
     fam, sch, s = ev.family, ev.schedule, ev.spec.teacher_guidance
     anchors = ev.anchors(ev.spec.student_steps)
     student = fam.build_student(ev.teacher).train().requires_grad_(True)
@@ -161,7 +163,9 @@ def diagnosis_markdown(handover: Sequence[tuple[int, float]], errors: Sequence[V
     for j, fdt in handover:
         label = f"{j} (student's Euler sampler)" if j == 0 else f"{j} (teacher {k}-step Euler)" if j == k else str(j)
         lines.append(f"| {label} | {fdt:.1f} |")
-    lines += ["", "| σ (on the guided teacher's trajectory) | student ‖v_G − v_T^s‖² | unguided teacher ‖v_T^1 − v_T^s‖² |",
+    lines += ["",
+              "| σ (on the guided teacher's trajectory) | student ‖v_G − v_T^s‖² "
+              "| unguided teacher ‖v_T^1 − v_T^s‖² |",
               "|---:|---:|---:|"]
     lines += [f"| {e.sigma:.3f} | {e.student:.4f} | {e.unguided_teacher:.4f} |" for e in errors]
     return "\n".join(lines) + "\n"

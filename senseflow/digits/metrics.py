@@ -3,18 +3,18 @@
 * **Prompt accuracy**: the share of samples that the classifier labels as the prompted digit.
 * **Fréchet distance** between Gaussians N(μ₁, Σ₁) and N(μ₂, Σ₂) fitted to classifier features f(x):
       FD = ‖μ₁ − μ₂‖² + tr(Σ₁) + tr(Σ₂) − 2·tr((Σ₁Σ₂)^{1/2})
-  computed in float64 by :func:`senseflow.eval.frechet.frechet_distance`. **FD** compares samples with real digits; **FD-T** compares
-  them with a reference set of samples (e.g. the teacher's), the digit analogue of docs/method.md §19's FID-T.
+  computed in float64 by :func:`senseflow.eval.frechet.frechet_distance`. **FD** compares samples with real digits;
+  **FD-T** compares them with a reference set of samples (e.g. the teacher's), the digit analogue of
+  docs/method.md §19's FID-T.
 """
 from __future__ import annotations
-
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from senseflow.eval.frechet import frechet_distance  # the project's one Fréchet distance (eval suite)
 from senseflow.digits.classifier import DigitClassifier, load_classifier
+from senseflow.eval.frechet import frechet_distance  # the project's one Fréchet distance (eval suite)
 
 __all__ = [
     "frechet_distance",
@@ -46,9 +46,13 @@ def feature_stats(
     ``classifier`` defaults to the shipped one. Σ is the unbiased sample covariance (divisor N − 1).
     """
     if images.ndim != 4 or images.shape[0] < 2:
-        raise ValueError(f"feature_stats needs a batch of at least 2 images (N, 3, R, R), got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"feature_stats needs a batch of at least 2 images (N, 3, R, R), got shape {tuple(images.shape)}"
+        )
     model = _classifier(classifier)
-    feats = torch.cat([model.features(images[i : i + batch_size].float()) for i in range(0, images.shape[0], batch_size)])
+    feats = torch.cat(
+        [model.features(images[i : i + batch_size].float()) for i in range(0, images.shape[0], batch_size)]
+    )
     f = feats.double().cpu().numpy()
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
@@ -67,7 +71,8 @@ def fd_between(images: Tensor, reference: Tensor, classifier: DigitClassifier | 
 
 
 def real_feature_stats(split: str = "all", classifier: DigitClassifier | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(μ, Σ) of the real digits of ``split`` (``"all"``, ``"train"`` or ``"heldout"``) at the classifier's resolution."""
+    """(μ, Σ) of the real digits of ``split`` (``"all"``, ``"train"`` or ``"heldout"``) at the classifier's
+    resolution."""
     from senseflow.digits.data import DigitsDataConfig, load_digits_data
 
     model = _classifier(classifier)

@@ -47,8 +47,13 @@ class EvalOutcome:
 def run_eval(cfg, progress: bool = True, generate_only: bool = False,
              log: Callable[[str], None] | None = None) -> EvalOutcome:
     """Run an evaluation described by an :class:`senseflow.eval.config.EvalConfig`."""
-    from senseflow.eval.generate import (StudentSettings, TeacherSettings, generate_teacher_reference,
-                                         resolve_device, run_student)
+    from senseflow.eval.generate import (
+        StudentSettings,
+        TeacherSettings,
+        generate_teacher_reference,
+        resolve_device,
+        run_student,
+    )
     from senseflow.eval.images import indexed_images
     from senseflow.eval.metrics import EvalInputs, compute_metrics
     from senseflow.eval.prompts import load_prompt_set

@@ -189,7 +189,8 @@ def _check(cfg: EvalConfig, label: str) -> None:
     m = cfg.metrics
     need(m.patch_fid_t.layout in PATCH_LAYOUTS, "metrics.patch_fid_t.layout", " | ".join(PATCH_LAYOUTS),
          m.patch_fid_t.layout)
-    need(m.patch_fid_t.patch_size >= 1, "metrics.patch_fid_t.patch_size", "a positive integer", m.patch_fid_t.patch_size)
+    need(m.patch_fid_t.patch_size >= 1, "metrics.patch_fid_t.patch_size", "a positive integer",
+         m.patch_fid_t.patch_size)
     need(m.patch_fid_t.grid >= 1, "metrics.patch_fid_t.grid", "a positive integer", m.patch_fid_t.grid)
     need(cfg.table.block in (None, *TABLE_BLOCKS), "table.block", " | ".join(TABLE_BLOCKS) + " | null",
          cfg.table.block)

@@ -63,7 +63,6 @@ def digits_metrics(samples: Mapping[int, Path], prompts: Sequence[str], meta: Se
     """``{"accuracy", "fd_t", "fd_real", "n", "n_labelled"}`` (an entry is None when it cannot be computed)."""
     from senseflow.digits.classifier import load_classifier
     from senseflow.digits.metrics import feature_stats, prompt_accuracy, real_feature_stats
-
     from senseflow.eval.frechet import frechet_distance
 
     model = load_classifier(classifier)

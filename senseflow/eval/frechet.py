@@ -7,8 +7,8 @@ student's samples with the teacher's samples, patch FID-T the same on fixed crop
 
 The trace of the matrix square root is computed without a (possibly complex) ``sqrtm`` of the non-symmetric
 product: with S = Σ_A^{1/2} (symmetric PSD, from an eigen-decomposition), Σ_A Σ_B is similar to the symmetric PSD
-matrix M = S Σ_B S, so tr((Σ_A Σ_B)^{1/2}) = Σ_i √λ_i(M), λ_i clipped at 0. Everything is float64; a result below 0 (round-off
-when the two sets are identical) is returned as 0.
+matrix M = S Σ_B S, so tr((Σ_A Σ_B)^{1/2}) = Σ_i √λ_i(M), λ_i clipped at 0. Everything is float64; a result
+below 0 (round-off when the two sets are identical) is returned as 0.
 """
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def frechet_distance(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, si
     sigma_a, sigma_b = np.atleast_2d(np.asarray(sigma_a, np.float64)), np.atleast_2d(np.asarray(sigma_b, np.float64))
     d = mu_a.shape[0]
     if mu_a.shape != (d,) or mu_b.shape != (d,):
-        raise ValueError(f"frechet_distance: means must both be vectors of length {d}, got {mu_a.shape} and {mu_b.shape}")
+        raise ValueError(
+            f"frechet_distance: means must both be vectors of length {d}, got {mu_a.shape} and {mu_b.shape}"
+        )
     if sigma_a.shape != (d, d) or sigma_b.shape != (d, d):
         raise ValueError(f"frechet_distance: covariances must be ({d}, {d}), got {sigma_a.shape} and {sigma_b.shape}")
     diff = mu_a - mu_b

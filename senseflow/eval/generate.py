@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from senseflow.inference import resolve_device, resolve_dtype  # one device/dtype rule for all entry points
 from senseflow.eval.images import image_path, is_complete_png, save_png_atomic
+from senseflow.inference import resolve_device, resolve_dtype  # one device/dtype rule for all entry points
 
 __all__ = ["GenerationResult", "StudentSettings", "TeacherSettings", "plan_student", "pending", "generate_student",
            "run_student", "load_teacher_pipeline", "generate_teacher_reference", "check_record", "prompts_digest",
@@ -122,8 +122,9 @@ def prompts_digest(prompts: Sequence[str]) -> str:
 
 
 def _student_record(s: StudentSettings, prompts: Sequence[str]) -> dict[str, Any]:
-    return {"kind": "student", "prompts_sha256": prompts_digest(prompts), "spec": s.spec, "checkpoint": str(Path(s.checkpoint).resolve()),
-            "teacher": str(Path(s.teacher).resolve()), "student_config": s.student_config, "sampler": s.sampler,
+    return {"kind": "student", "prompts_sha256": prompts_digest(prompts), "spec": s.spec,
+            "checkpoint": str(Path(s.checkpoint).resolve()), "teacher": str(Path(s.teacher).resolve()),
+            "student_config": s.student_config, "sampler": s.sampler,
             "steps": s.steps, "seed": s.seed, "height": s.height, "width": s.width}
 
 
@@ -209,7 +210,8 @@ def run_student(settings: StudentSettings, prompts_file: Path, num_prompts: int,
 
 
 def _teacher_record(s: TeacherSettings, prompts: Sequence[str]) -> dict[str, Any]:
-    return {"kind": "teacher_reference", "prompts_sha256": prompts_digest(prompts), "teacher": str(Path(s.teacher).resolve()), "family": s.family,
+    return {"kind": "teacher_reference", "prompts_sha256": prompts_digest(prompts),
+            "teacher": str(Path(s.teacher).resolve()), "family": s.family,
             "steps": s.steps, "guidance_scale": s.guidance_scale, "seed": s.seed, "height": s.height,
             "width": s.width, "pipeline_kwargs": dict(s.pipeline_kwargs or {})}
 

@@ -80,8 +80,8 @@ def build_tiny_clip(folder: Path | str, seed: int = 0) -> Path:
     """A tiny ``CLIPModel`` folder (config, weights, tokenizer, image processor)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from senseflow.quiet import quiet_libraries
     from senseflow.models.tokenizers import train_clip_tokenizer
+    from senseflow.quiet import quiet_libraries
     from senseflow.tiny import CORPUS
 
     quiet_libraries()
@@ -123,7 +123,9 @@ def build_tiny_image_reward(folder: Path | str, seed: int = 0) -> Path:
     folder = Path(folder)
     tok = _tiny_bert_tokenizer(folder)
     with _seeded(seed):
-        text = {**TINY_BLIP_TEXT, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "sep_token_id": tok.sep_token_id}
+        text = {
+            **TINY_BLIP_TEXT, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "sep_token_id": tok.sep_token_id
+        }
         model = ImageRewardModel(TINY_BLIP_VISION, text, TINY_HEAD).eval()
     return save_image_reward(model, folder, tok, _processor(TINY_BLIP_VISION["image_size"]))
 

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from senseflow.method import dmd, gan, isg
-from senseflow.method.isg import ISGOptions, draw_midpoint
-from senseflow.method.guidance import draw_guidance_scale
 from senseflow.method import rng as draws
+from senseflow.method.guidance import draw_guidance_scale
+from senseflow.method.isg import ISGOptions, draw_midpoint
 from senseflow.method.rng import RunRNG
 from senseflow.method.sampling import backward_simulate
 from senseflow.method.schedules import Schedule, TimestepSampler
@@ -101,7 +101,9 @@ class Distiller:
 
     # ---- generator input (§4.2) ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generator_input(self, real_latents: Tensor, cond: Condition, d: Decisions, noise: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+    def generator_input(
+        self, real_latents: Tensor, cond: Condition, d: Decisions, noise: list[torch.Generator]
+    ) -> tuple[Tensor, Tensor]:
         """x_in = renoise(clean, ε_in, τ_k) with clean = backward simulation (prob p) or the real latents."""
         if d.backsim:
             clean = backward_simulate(self.family, self.generator, cond, self.anchors, d.k, noise, real_latents.shape)
@@ -161,7 +163,9 @@ class Distiller:
     # ---- fake score (§6) -------------------------------------------------------------------------------------
     def fake_loss(self, mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         """L_F on the detached generator sample (+ DMD2's guidance classifier term)."""
-        loss, logs = dmd.fake_score_loss(self.family, self.schedule, self.fake, mb.x0_hat.detach(), mb.cond, self.fake_sampler, mb.noise)
+        loss, logs = dmd.fake_score_loss(
+            self.family, self.schedule, self.fake, mb.x0_hat.detach(), mb.cond, self.fake_sampler, mb.noise
+        )
         out = {f"fake/{k}": v for k, v in logs.items()}
         out["loss/fake"] = float(loss.detach())
         if self.use_cls:
@@ -178,4 +182,7 @@ class Distiller:
         fake_logits = self.discriminator(mb.fake_pixels.detach(), mb.text_embed, mb.ref_feats, mb.noise)
         loss_real = gan.discriminator_hinge_loss(real_logits, w, real=True)
         loss_fake = gan.discriminator_hinge_loss(fake_logits, w, real=False)
-        return loss_real + loss_fake, {"loss/d_real": float(loss_real.detach()), "loss/d_fake": float(loss_fake.detach())}
+        return loss_real + loss_fake, {
+            "loss/d_real": float(loss_real.detach()),
+            "loss/d_fake": float(loss_fake.detach()),
+        }

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from senseflow.method.guidance import guided_prediction
 from senseflow.method import rng
+from senseflow.method.guidance import guided_prediction
 from senseflow.method.schedules import Schedule, TimestepSampler
 from senseflow.models.families.base import Condition, TeacherFamily
 

@@ -43,7 +43,8 @@ def _check_pair(name: str, phi: Tensor, theta: Tensor) -> None:
             )
         if phi.to_local().shape != theta.to_local().shape:
             raise ValueError(
-                f"IDA: local shards of {name!r} differ: F {tuple(phi.to_local().shape)} vs G {tuple(theta.to_local().shape)}"
+                f"IDA: local shards of {name!r} differ: "
+                f"F {tuple(phi.to_local().shape)} vs G {tuple(theta.to_local().shape)}"
             )
 
 

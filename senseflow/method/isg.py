@@ -184,7 +184,8 @@ def draw_midpoint(
 
 
 def segment_end(schedule: Schedule, anchors: Tensor, k: int, last_segment_end: str, like: Tensor) -> Tensor:
-    """τ_{k+1} as a [B] tensor; after the last anchor: the clean end (``zero``) or ``tau_from_index(0)`` (``grid_start``)."""
+    """τ_{k+1} as a [B] tensor; after the last anchor: the clean end (``zero``) or ``tau_from_index(0)``
+    (``grid_start``)."""
     _check_k(anchors, k)
     b = like.shape[0]
     if k + 1 < anchors.numel():

@@ -204,7 +204,9 @@ class DDPMSchedule(Schedule):
         elif kind == "linear":
             betas = torch.linspace(b0, b1, n, dtype=torch.float64)
         else:
-            raise ValueError(f"scheduler config: beta_schedule {kind!r} is not supported (expected linear or scaled_linear)")
+            raise ValueError(
+                f"scheduler config: beta_schedule {kind!r} is not supported (expected linear or scaled_linear)"
+            )
         return cls(torch.cumprod(1.0 - betas, dim=0))
 
     def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:

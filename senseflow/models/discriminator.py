@@ -103,7 +103,9 @@ def sn_conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Module:
 
 class _Block(nn.Sequential):
     def __init__(self, channels: int, kernel: int, virtual_batch: int) -> None:
-        super().__init__(sn_conv(channels, channels, kernel), BatchNormLocal(channels, virtual_batch), nn.LeakyReLU(0.2))
+        super().__init__(
+            sn_conv(channels, channels, kernel), BatchNormLocal(channels, virtual_batch), nn.LeakyReLU(0.2)
+        )
 
 
 class _Residual(nn.Module):

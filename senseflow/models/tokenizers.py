@@ -21,14 +21,19 @@ from typing import Sequence
 __all__ = ["train_clip_tokenizer", "train_t5_tokenizer"]
 
 
-def _canonical_bpe(vocab: dict[str, int], merges: list, specials: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _canonical_bpe(
+    vocab: dict[str, int], merges: list, specials: Sequence[str]
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Order a trained BPE independently of the trainer's tie-breaking (which varies from run to run).
 
     The trainer yields the same vocabulary and merge *sets* each run but not the same order. Merges are ranked by
     (length of the merged token, left, right): a merge's parts are shorter than its result, so every part can be
     formed before it is needed. Ids: ``specials``, then the initial alphabet sorted, then merge results by rank.
     """
-    pairs = sorted({tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges}, key=lambda ab: (len(ab[0]) + len(ab[1]), ab))
+    pairs = sorted(
+        {tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges},
+        key=lambda ab: (len(ab[0]) + len(ab[1]), ab),
+    )
     merged = list(dict.fromkeys(a + b for a, b in pairs))
     alphabet = sorted(set(vocab) - set(specials) - set(merged))
     order = list(specials) + alphabet + merged
@@ -46,7 +51,9 @@ def train_clip_tokenizer(corpus: Sequence[str], vocab_size: int, max_length: int
 
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=eos))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(
@@ -98,7 +105,9 @@ def train_t5_tokenizer(corpus: Sequence[str], vocab_size: int, max_length: int):
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
+    )
     tok.train_from_iterator(list(corpus), trainer=trainer)
     pieces = [p for p, _ in json.loads(tok.to_str())["model"]["vocab"] if p not in specials]
     vocab = [(s, 0.0) for s in specials] + _piece_log_frequencies(corpus, pieces)

@@ -1,4 +1,5 @@
-"""``senseflow teacher train --family {sdxl,sd3,flux} --data SET --out DIR [--resolution R] [--seed S] [key=value ...]``.
+"""``senseflow teacher train --family {sdxl,sd3,flux} --data SET --out DIR [--resolution R] [--seed S]
+[key=value ...]``.
 
 Settings come from ``configs/teacher/<family>.yaml`` (or ``--config``); ``--resolution`` and ``--seed`` are shorthands
 for the keys of the same name. Re-running the same command continues an interrupted run. Every input is checked
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help="seed of every random draw (key: seed)")
     t.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. denoiser_training.steps=500")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. denoiser_training.steps=500")
     return p
 
 

@@ -41,7 +41,8 @@ class TokenizerSettings:
     clip_vocab_size: int = 400
     t5_vocab_size: int = 200
     clip_max_length: int = 77
-    t5_max_length: int = 77       # the T5 length the teacher is trained and sampled with (generation.max_sequence_length)
+    # the T5 length the teacher is trained and sampled with (generation.max_sequence_length)
+    t5_max_length: int = 77
 
 
 @dataclass

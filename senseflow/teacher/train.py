@@ -108,7 +108,9 @@ class Stage:
     def __init__(self, name: str, state_dir: Path, modules: nn.ModuleDict, steps: int, lr: float, warmup: int,
                  seed: int, every: int, weight_decay: float = 0.0, grad_clip: float | None = None,
                  ema_decay: float | None = None) -> None:
-        self.name, self.path, self.modules, self.steps, self.every = name, state_dir / f"{name}.pt", modules, steps, every
+        self.name, self.path, self.modules, self.steps, self.every = (
+            name, state_dir / f"{name}.pt", modules, steps, every
+        )
         self.params = [p for p in modules.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, steps, warmup))
@@ -173,7 +175,9 @@ class Stage:
 
     def curve(self, every: int) -> list[float]:
         """Mean loss of each block of ``every`` steps."""
-        return [sum(self.losses[i:i + every]) / len(self.losses[i:i + every]) for i in range(0, len(self.losses), every)]
+        return [
+            sum(self.losses[i:i + every]) / len(self.losses[i:i + every]) for i in range(0, len(self.losses), every)
+        ]
 
 
 # ---- stages ----------------------------------------------------------------------------------------------------
@@ -414,7 +418,9 @@ def train_teacher(cfg: TeacherTrainConfig, data_path: str | Path, out: str | Pat
         "settings": cfg.to_dict(),
         "vae_scale": done["vae"]["vae_scale"],
         "curves": {name: {"every": cfg.log_every, "loss": done[name]["curve"]} for name, _ in stages},
-        "wall_time_s": {**{name: done[name]["seconds"] for name, _ in stages}, "this_call": time.perf_counter() - t0},
+        "wall_time_s": {
+            **{name: done[name]["seconds"] for name, _ in stages}, "last_invocation": time.perf_counter() - t0
+        },
         "torch_threads": torch.get_num_threads(),
         "params": {name: sum(p.numel() for p in module.parameters())
                    for name, module in (("vae", family.vae), ("denoiser", family.load_denoiser()),

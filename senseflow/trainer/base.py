@@ -28,16 +28,16 @@ from torch import nn
 
 from senseflow import dist as sfdist
 from senseflow.config import resolved_yaml, save_resolved
+from senseflow.data.seeding import mix_seed
 from senseflow.data.training import build_training_data
+from senseflow.imageio import save_grid
 from senseflow.method.distill import Decisions, Distiller, MicroBatch
 from senseflow.method.ida import ida_update
 from senseflow.method.rng import RunRNG
 from senseflow.method.sampling import sample_stochastic
-from senseflow.quiet import quiet_libraries
 from senseflow.models.families import build_family
-from senseflow.data.seeding import mix_seed
+from senseflow.quiet import quiet_libraries
 from senseflow.trainer.checkpoint import TEST_KILL_AT_ENV, Checkpointer, init_optimizer_state, kill_if_requested
-from senseflow.imageio import save_grid
 from senseflow.trainer.logger import RunLogger
 from senseflow.trainer.optim import EMA, build_optimizer, build_scheduler, require_optimizer_backend
 
@@ -62,9 +62,13 @@ class DistillationTrainer:
         self.cfg = cfg
         self.run_dir = Path(save_path)
         if self.family_name is not None and cfg.teacher.family != self.family_name:
-            raise ValueError(f"{type(self).__name__} distils teacher.family={self.family_name!r}, config has {cfg.teacher.family!r}")
+            raise ValueError(
+                f"{type(self).__name__} distils teacher.family={self.family_name!r}, config has {cfg.teacher.family!r}"
+            )
         if cfg.method.name != self.method_name:
-            raise ValueError(f"{type(self).__name__} runs method.name={self.method_name!r}, config has {cfg.method.name!r}")
+            raise ValueError(
+                f"{type(self).__name__} runs method.name={self.method_name!r}, config has {cfg.method.name!r}"
+            )
         require_optimizer_backend(str(cfg.optimizer.name))
 
     # ================================================================== setup
@@ -147,13 +151,16 @@ class DistillationTrainer:
         if bool(cfg.method.gan.enabled):
             self._build_discriminator()
         if bool(cfg.method.dmd2_cls.enabled):
-            from senseflow.models.dmd2_head import DMD2Classifier
-
             from senseflow.method.distill import sampler_from
+            from senseflow.models.dmd2_head import DMD2Classifier
 
             latent_hw = self.family.latent_shape(res, res)[1:]
             self.dmd2_head = DMD2Classifier.for_unet(
-                sfdist.unwrap(self.fake), latent_hw, self.family, self.schedule, sampler_from(cfg.method.dmd2_cls.timestep)
+                sfdist.unwrap(self.fake),
+                latent_hw,
+                self.family,
+                self.schedule,
+                sampler_from(cfg.method.dmd2_cls.timestep),
             ).to(self.device)
             sfdist.broadcast_module(self.dmd2_head)  # replicated: every rank starts from rank 0's initialisation
         self.distiller = Distiller(
@@ -179,11 +186,15 @@ class DistillationTrainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        self.data = build_training_data(cfg.data, int(cfg.train.batch_size), int(cfg.experiment.seed), self.info.rank, self.info.world_size)
+        self.data = build_training_data(
+            cfg.data, int(cfg.train.batch_size), int(cfg.experiment.seed), self.info.rank, self.info.world_size
+        )
 
     def _build_optimizers(self) -> None:
         o = self.cfg.optimizer
-        fake_params = list(self.fake.parameters()) + (list(self.dmd2_head.parameters()) if self.dmd2_head is not None else [])
+        fake_params = list(self.fake.parameters()) + (
+            list(self.dmd2_head.parameters()) if self.dmd2_head is not None else []
+        )
         self.opt_g = build_optimizer(self.generator.parameters(), float(o.lr_generator), o)
         self.opt_f = build_optimizer(fake_params, float(o.lr_fake), o)
         self.sched_g = build_scheduler(self.opt_g, float(o.lr_generator), o)
@@ -193,7 +204,9 @@ class DistillationTrainer:
             self.opt_d = build_optimizer(self.discriminator.trainable_parameters(), float(o.lr_discriminator), o)
             self.sched_d = build_scheduler(self.opt_d, float(o.lr_discriminator), o)
         ema = self.cfg.train.ema
-        self.ema = EMA(sfdist.unwrap(self.generator), float(ema.decay), float(ema.warmup)) if bool(ema.enabled) else None
+        self.ema = (
+            EMA(sfdist.unwrap(self.generator), float(ema.decay), float(ema.warmup)) if bool(ema.enabled) else None
+        )
         for opt in (self.opt_g, self.opt_f, self.opt_d):
             if opt is not None:  # state exists before any checkpoint touches it (see init_optimizer_state)
                 init_optimizer_state(opt)
@@ -268,7 +281,11 @@ class DistillationTrainer:
         for k, s in schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         seed, slots = int(self.cfg.experiment.seed), self.samples_per_iteration
-        if mine is not None and all(f"noise_{i}" in mine["rng"] for i in range(slots)) and f"noise_{slots}" not in mine["rng"]:
+        if (
+            mine is not None
+            and all(f"noise_{i}" in mine["rng"] for i in range(slots))
+            and f"noise_{slots}" not in mine["rng"]
+        ):
             self.rng.load_state_dict(mine["rng"])
             torch.set_rng_state(mine["torch_rng"])
         else:
@@ -320,7 +337,9 @@ class DistillationTrainer:
             ).to(self.device)
             if "latents" in batch:
                 real_latents = batch["latents"].to(self.device, torch.float32)
-                real_pixels = self.family.decode_latents(real_latents).float() if self.discriminator is not None else None
+                real_pixels = (
+                    self.family.decode_latents(real_latents).float() if self.discriminator is not None else None
+                )
             else:
                 real_pixels = batch["pixels"].to(self.device, torch.float32)
                 real_latents = self.family.encode_pixels(real_pixels, generator=noise).float()
@@ -349,7 +368,9 @@ class DistillationTrainer:
             return
         mid = None if d.isg_mid is None else [float(v) for v in torch.as_tensor(d.isg_mid).reshape(-1)]
         values = (bool(d.backsim), int(d.k), float(d.dmd_guidance), float(d.isg_guidance), mid)
-        sfdist.assert_same_on_all_ranks(values, f"iteration {it}: shared decisions (backsim, k, guidance, ISG mid-point)")
+        sfdist.assert_same_on_all_ranks(
+            values, f"iteration {it}: shared decisions (backsim, k, guidance, ISG mid-point)"
+        )
         self._decisions_checked = True
 
     def train_iteration(self, it: int) -> dict[str, float]:
@@ -399,7 +420,9 @@ class DistillationTrainer:
                 loss_f, f_logs = self.distiller.fake_loss(mb)
             (loss_f / accum).backward()
             self._accumulate(logs, f_logs, accum)
-        fake_params = list(self.fake.parameters()) + (list(self.dmd2_head.parameters()) if self.dmd2_head is not None else [])
+        fake_params = list(self.fake.parameters()) + (
+            list(self.dmd2_head.parameters()) if self.dmd2_head is not None else []
+        )
         logs["grad_norm/fake"] = self._clip_and_step(self.fake, fake_params, self.opt_f)
         self.sched_f.step()
 
@@ -441,7 +464,9 @@ class DistillationTrainer:
                 for k, v in logs.items():
                     if k.startswith("loss/") and not math.isfinite(v):
                         raise FloatingPointError(f"iteration {it}: {k} = {v} is not finite")
-                logger.progress(it, {k: v for k, v in logs.items() if k in ("loss/generator", "loss/fake", "loss/d_real")})
+                logger.progress(
+                    it, {k: v for k, v in logs.items() if k in ("loss/generator", "loss/fake", "loss/d_real")}
+                )
                 if it % log_every == 0 or it == total:
                     logger.scalars(it, logs)
                 if preview_every > 0 and (it % preview_every == 0 or it == total):

@@ -64,14 +64,20 @@ class Condition:
             raise ValueError(f"cannot expand a condition of batch {len(self)} to {batch}")
         return replace(
             self,
-            **{n: getattr(self, n).expand(batch, *getattr(self, n).shape[1:]) for n in self._BATCHED if getattr(self, n) is not None},
+            **{
+                n: getattr(self, n).expand(batch, *getattr(self, n).shape[1:])
+                for n in self._BATCHED
+                if getattr(self, n) is not None
+            },
         )
 
     @staticmethod
     def cat(conds: Sequence["Condition"]) -> "Condition":
         """Concatenate along the batch axis (e.g. [uncond, cond] for one CFG forward)."""
         first = conds[0]
-        out = {n: torch.cat([getattr(c, n) for c in conds]) for n in Condition._BATCHED if getattr(first, n) is not None}
+        out = {
+            n: torch.cat([getattr(c, n) for c in conds]) for n in Condition._BATCHED if getattr(first, n) is not None
+        }
         return replace(first, **out)
 
 
@@ -136,7 +142,9 @@ class TeacherFamily(ABC):
 
     # ---- denoiser calls ------------------------------------------------------------------------------------
     @abstractmethod
-    def predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None) -> Tensor:
+    def predict(
+        self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None
+    ) -> Tensor:
         """Raw prediction (v or ε) of ``net`` at (x, τ) in the unpacked latent layout (B, C, h, w).
 
         ``guidance`` feeds a distilled-guidance embedding and is used iff the net has one (FLUX.1-dev teacher).

@@ -48,7 +48,9 @@ def unpack_latents(tokens: Tensor, h: int, w: int) -> Tensor:
     return x.reshape(b, d // 4, h, w)
 
 
-def latent_image_ids(h: int, w: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def latent_image_ids(
+    h: int, w: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """(h/2·w/2, 3) position ids of the packed tokens: (0, row, column)."""
     ids = torch.zeros(h // 2, w // 2, 3, dtype=dtype)
     ids[..., 1] = torch.arange(h // 2, dtype=dtype)[:, None]
@@ -108,7 +110,9 @@ class FluxFamily(DiffusersFamily):
         weights come from ``student_path`` (which must itself have ``guidance_embeds=False``).
         """
         if self.student_path is not None:
-            net = self.denoiser_class.from_pretrained(str(self.student_path), torch_dtype=torch.float32, local_files_only=True)
+            net = self.denoiser_class.from_pretrained(
+                str(self.student_path), torch_dtype=torch.float32, local_files_only=True
+            )
             if net.config.guidance_embeds:
                 raise ValueError(f"flux: student at {str(self.student_path)!r} has guidance_embeds=True; "
                                  "student and fake score must have no guidance embedding (docs/method.md, decision 4)")
@@ -133,8 +137,12 @@ class FluxFamily(DiffusersFamily):
         """
         prompts = list(prompts)
         t = self.text
-        pooled = t["text_encoder"](self._tokenize(t["tokenizer"], prompts, self.clip_max_length), output_hidden_states=False).pooler_output
-        t5 = t["text_encoder_2"](self._tokenize(t["tokenizer_2"], prompts, self.t5_max_length), output_hidden_states=False)[0]
+        pooled = t["text_encoder"](
+            self._tokenize(t["tokenizer"], prompts, self.clip_max_length), output_hidden_states=False
+        ).pooler_output
+        t5 = t["text_encoder_2"](
+            self._tokenize(t["tokenizer_2"], prompts, self.t5_max_length), output_hidden_states=False
+        )[0]
         return Condition(
             prompt_embeds=t5.to(self.device),
             pooled=pooled.to(self.device),
@@ -146,7 +154,9 @@ class FluxFamily(DiffusersFamily):
         """Whether ``net`` takes a distilled-guidance input (FLUX.1-dev teacher: yes; student: no)."""
         return bool(getattr(net_config(net), "guidance_embeds", False))
 
-    def predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None) -> Tensor:
+    def predict(
+        self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None
+    ) -> Tensor:
         """v̂ = unpack(FLUX(pack(x_σ), σ, g, pooled, prompt_embeds, text_ids, img_ids)).
 
         ``guidance`` (float or [B]) is passed iff the net has a guidance embedding; such a net requires it, a net
@@ -159,7 +169,9 @@ class FluxFamily(DiffusersFamily):
         g = None
         if self.has_guidance_embedding(net):
             if guidance is None:
-                raise ValueError("flux: this transformer has a guidance embedding (guidance_embeds=True); pass guidance=g")
+                raise ValueError(
+                    "flux: this transformer has a guidance embedding (guidance_embeds=True); pass guidance=g"
+                )
             g = torch.as_tensor(guidance, device=x.device, dtype=torch.float32)
             g = g.expand(b) if g.ndim == 0 else g
         text_ids = c.text_ids if c.text_ids is not None else torch.zeros(c.prompt_embeds.shape[1], 3, device=x.device)

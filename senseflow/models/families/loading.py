@@ -54,7 +54,9 @@ def check_folder(path: str | Path, subfolders: Sequence[str], what: str = "teach
     for sub in subfolders:
         folder = root / sub
         if not folder.is_dir():
-            raise FileNotFoundError(f"{what} folder {str(root)!r} has no {sub!r} subfolder (needed: {', '.join(subfolders)})")
+            raise FileNotFoundError(
+                f"{what} folder {str(root)!r} has no {sub!r} subfolder (needed: {', '.join(subfolders)})"
+            )
         markers = _marker_files(sub)
         if not any((folder / m).is_file() for m in markers):
             raise FileNotFoundError(f"{what} folder {str(root)!r}: subfolder {sub!r} has none of {', '.join(markers)}")
@@ -106,7 +108,9 @@ def flow_schedule_from_config(config: Mapping, timestep_scale: float, image_seq_
     if config.get("use_dynamic_shifting", False):
         shift_type = config.get("time_shift_type", "exponential")
         if shift_type != "exponential":
-            raise ValueError(f"scheduler config: time_shift_type {shift_type!r} is not supported (expected 'exponential')")
+            raise ValueError(
+                f"scheduler config: time_shift_type {shift_type!r} is not supported (expected 'exponential')"
+            )
         for key in ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift"):
             if key not in config:
                 raise ValueError(f"scheduler config with use_dynamic_shifting lacks {key!r}")
@@ -203,7 +207,9 @@ class DiffusersFamily(TeacherFamily):
             f"student folder {str(root)!r} has neither config.json nor a {self.denoiser_subfolder!r} subfolder with one"
         )
 
-    def _load(self, cls: type, subfolder: str, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Any:
+    def _load(
+        self, cls: type, subfolder: str, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> Any:
         kwargs = {"local_files_only": True}
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
@@ -236,7 +242,9 @@ class DiffusersFamily(TeacherFamily):
         text: dict[str, Any] = {}
         for c in self.text_components:
             text[c.tokenizer] = self._load(transformers.AutoTokenizer, c.tokenizer)
-            text[c.encoder] = self._load(getattr(transformers, c.class_name), c.encoder, self.text_dtype, self.text_device)
+            text[c.encoder] = self._load(
+                getattr(transformers, c.class_name), c.encoder, self.text_dtype, self.text_device
+            )
         return text
 
     def block_types(self) -> tuple[type, ...]:
@@ -264,7 +272,9 @@ class DiffusersFamily(TeacherFamily):
         From ``student_path`` when given, else the teacher's own weights (see :meth:`_teacher_fp32`).
         """
         if self.student_path is not None:
-            net = self.denoiser_class.from_pretrained(str(self.student_path), torch_dtype=torch.float32, local_files_only=True)
+            net = self.denoiser_class.from_pretrained(
+                str(self.student_path), torch_dtype=torch.float32, local_files_only=True
+            )
             net = net.to(next(unwrap(teacher).parameters()).device)
         else:
             net = self._teacher_fp32(teacher)

@@ -114,7 +114,9 @@ class SD3Family(DiffusersFamily):
         )
 
     # ---- denoiser ------------------------------------------------------------------------------------------
-    def predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None) -> Tensor:
+    def predict(
+        self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None
+    ) -> Tensor:
         """v̂ = MMDiT(x_σ, 1000·σ, prompt_embeds, pooled); ``guidance`` unused (SD3.5 has no guidance embedding)."""
         xin, c, _ = self._cast_inputs(net, x, cond)
         sigma = torch.as_tensor(tau, device=x.device, dtype=torch.float32)

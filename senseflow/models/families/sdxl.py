@@ -34,7 +34,9 @@ def _size_pairs(value: Tensor | Sequence | None, batch: int, default: tuple[int,
     if t.shape == (2,):
         return t.expand(batch, 2)
     if t.shape != (batch, 2):
-        raise ValueError(f"sdxl: {name} must be None, one (h, w) pair or a ({batch}, 2) tensor; got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"sdxl: {name} must be None, one (h, w) pair or a ({batch}, 2) tensor; got shape {tuple(t.shape)}"
+        )
     return t
 
 
@@ -67,7 +69,9 @@ class SDXLFamily(DiffusersFamily):
         text_device: torch.device | str | None = None,
         resolution: int | tuple[int, int] = 1024,
     ) -> None:
-        super().__init__(path, device, denoiser_dtype, vae_dtype, text_dtype, clip_max_length, student_path, text_device)
+        super().__init__(
+            path, device, denoiser_dtype, vae_dtype, text_dtype, clip_max_length, student_path, text_device
+        )
         self.target_size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         if self.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
             raise ValueError(
@@ -94,7 +98,12 @@ class SDXLFamily(DiffusersFamily):
         return 2 ** (len(denoiser_config.get("block_out_channels", (0,))) - 1)
 
     def block_types(self) -> tuple[type, ...]:
-        from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UpBlock2D
+        from diffusers.models.unets.unet_2d_blocks import (
+            CrossAttnDownBlock2D,
+            CrossAttnUpBlock2D,
+            DownBlock2D,
+            UpBlock2D,
+        )
 
         return (DownBlock2D, CrossAttnDownBlock2D, UpBlock2D, CrossAttnUpBlock2D)
 
@@ -104,7 +113,9 @@ class SDXLFamily(DiffusersFamily):
         return DDPMSchedule.from_scheduler_config(self.scheduler_config)
 
     # ---- text ----------------------------------------------------------------------------------------------
-    def time_ids(self, batch: int, original_sizes: Tensor | Sequence | None = None, crop_coords: Tensor | Sequence | None = None) -> Tensor:
+    def time_ids(
+        self, batch: int, original_sizes: Tensor | Sequence | None = None, crop_coords: Tensor | Sequence | None = None
+    ) -> Tensor:
         """(B, 6) = [orig_h, orig_w, crop_top, crop_left, target_h, target_w]; defaults: original = target, crop 0."""
         orig = _size_pairs(original_sizes, batch, self.target_size, "original_sizes")
         crop = _size_pairs(crop_coords, batch, (0, 0), "crop_coords")
@@ -146,7 +157,9 @@ class SDXLFamily(DiffusersFamily):
         return replace(self.unconditional(len(cond)), time_ids=cond.time_ids)
 
     # ---- denoiser ------------------------------------------------------------------------------------------
-    def predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None) -> Tensor:
+    def predict(
+        self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, guidance: Tensor | float | None = None
+    ) -> Tensor:
         """ε̂ = UNet(x_t, t, prompt_embeds, added_cond_kwargs={text_embeds: pooled, time_ids}); ``guidance`` unused."""
         xin, c, _ = self._cast_inputs(net, x, cond)
         t = torch.as_tensor(tau, device=x.device)
