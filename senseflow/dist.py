@@ -120,13 +120,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    """Mean of a scalar over ranks (for logging)."""
-    if not is_initialized():
-        return value
-    t = torch.tensor([value], device=device, dtype=torch.float64)
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the ranks (for logging), with one ``all_reduce`` of their stack in float64; a single
+    process gets the same values back, untouched. A collective: every rank calls it with the same keys."""
+    if not is_initialized() or dist.get_world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)  # the same order on every rank, whatever order each built its dict in
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
 
 
 def cleanup() -> None:

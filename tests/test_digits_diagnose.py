@@ -1,15 +1,26 @@
-"""The digits diagnosis (senseflow/digits/diagnose.py) on the shipped teacher, with the teacher's own unguided copy as
-the "student" (what G is at initialisation): the two ends of the hand-over are the two Euler samplers, and the
-student's velocity error is the unguided teacher's."""
+"""The digits diagnosis (tools/digits_diagnosis.py, research tooling outside the package) on the shipped teacher,
+with the teacher's own unguided copy as the "student" (what G is at initialisation): the two ends of the hand-over
+are the two Euler samplers, and the student's velocity error is the unguided teacher's."""
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from senseflow.digits.benchmark import EvalSpec, Evaluator
-from senseflow.digits.diagnose import diagnosis_markdown, handover_sample, velocity_errors
 from senseflow.digits.teacher import default_teacher_path
 from senseflow.method.sampling import sample_euler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the diagnosis lives in tools/, not the package
+from digits_diagnosis import (
+    VelocityError,
+    diagnosis_markdown,
+    guided_regression,
+    handover_sample,
+    velocity_errors,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +60,6 @@ def test_velocity_error_of_the_initial_student_is_the_unguided_teachers(ev, init
 
 
 def test_diagnosis_markdown_labels_both_ends():
-    from senseflow.digits.diagnose import VelocityError
-
     md = diagnosis_markdown([(0, 20.4), (1, 20.5), (2, 23.5), (3, 20.5), (4, 10.5)],
                             [VelocityError(0.5, 0.1953, 0.1714)])
     assert "| 0 (student's Euler sampler) | 20.4 |" in md
@@ -59,8 +68,6 @@ def test_diagnosis_markdown_labels_both_ends():
 
 
 def test_guided_regression_moves_the_student_toward_the_guided_teacher(ev, initial_student):
-    from senseflow.digits.diagnose import guided_regression
-
     before = velocity_errors(ev, initial_student, [1.0, 0.5], trajectory_steps=4)
     student, curve = guided_regression(ev, steps=24, lr=1e-3, batch_size=4, seed=0)
     after = velocity_errors(ev, student, [1.0, 0.5], trajectory_steps=4)

@@ -9,6 +9,7 @@
 * The placement rules themselves (FSDP2 with a meta-device build on rank 1, FSDP2 of a module without a config,
   HSDP on a 2-D mesh, DDP-style replicas with averaged gradients, per-block activation checkpointing, global-norm
   clipping over sharded gradients) give the weights of a single process training on the union of the ranks' data.
+* The losses logged (TensorBoard and metrics.jsonl) are their mean over the ranks; in one process, the values given.
 * Single-process helpers: the clipping of :func:`senseflow.dist.clip_grad_norm` equals torch's, strategy resolution.
 """
 from __future__ import annotations
@@ -133,6 +134,41 @@ def test_placements_train_like_one_process_on_the_union_of_the_data(tmp_path):
     for mode in ("fsdp", "fsdp_plain", "hsdp", "ddp"):
         assert r0[mode]["hash"] == r1[mode]["hash"], mode  # every rank ends with the same full weights
         assert r0[mode]["max_diff_to_single_process"] < 1e-6, mode
+
+
+def test_logged_losses_are_the_mean_over_the_ranks(tmp_path):
+    """tools/dist_probe.py logger: the trainer's RunLogger on two processes (gloo), each passing its own values (and
+    its own key order); TensorBoard and metrics.jsonl get every loss averaged over the ranks, the rest is rank 0's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    proc = torchrun(2, [str(REPO / "tools" / "dist_probe.py"), "logger", str(run), str(out)], cwd=tmp_path)
+    assert proc.returncode == 0, tail(proc)
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [row["iteration"] for row in rows] == [1, 2]
+    for i, (row, v0, v1) in enumerate(zip(rows, r0, r1)):
+        assert list(row) == ["iteration", *v0]  # rank 0's keys, in rank 0's order
+        for key, value in v0.items():
+            assert value != v1[key], key  # every value differs across the ranks
+            expected = (value + v1[key]) / 2 if key.startswith("loss/") else value
+            assert row[key] == expected, key  # two ranks: one float64 sum, halved: exact
+            scalar = events.Scalars(key)[i]
+            assert scalar.step == i + 1 and scalar.value == pytest.approx(expected, rel=1e-6), key  # float32
+
+
+def test_one_process_logs_the_values_as_given(tmp_path):
+    from senseflow.trainer.logger import RunLogger
+
+    values = {"loss/generator": 0.1 + 0.2, "lr/generator": 1e-4, "loss/fake": 1 / 3, "time/iteration_s": 0.7}
+    assert sfdist.mean_over_ranks(values, torch.device("cpu")) == values  # no process group: nothing to average
+    logger = RunLogger(tmp_path, total=1, start=0, enabled=True)
+    logger.scalars(1, values)
+    logger.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row == {"iteration": 1, **values} and list(row) == ["iteration", *values]
 
 
 def test_clip_grad_norm_matches_torch_in_one_process():

@@ -4,7 +4,7 @@
     python tools/diagnose_digits.py --student RUN/checkpoints/iter_001200 [--per-digit 30] [--out diag.json]
     python tools/diagnose_digits.py --regression-steps 480 --regression-eval 120 240 480 [--regression-lr 3e-4]
 
-Prints markdown tables (see senseflow/digits/diagnose.py): with --student, FD-T when the guided teacher takes the
+Prints markdown tables (see tools/digits_diagnosis.py): with --student, FD-T when the guided teacher takes the
 first j of the student's Euler steps (j = 0..4), and ‖v_G − v_T^s‖² beside ‖v_T^1 − v_T^s‖² at σ on the teacher's
 guided ODE; with --regression-steps, the FD-T curve of the supervised bound (G regressed onto the guided teacher's
 velocity at the anchors).
@@ -18,9 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from digits_diagnosis import diagnosis_markdown, guided_regression, handover_fdt, velocity_errors  # tools/, this folder
 
 from senseflow.digits.benchmark import EvalSpec, Evaluator
-from senseflow.digits.diagnose import diagnosis_markdown, guided_regression, handover_fdt, velocity_errors
 from senseflow.digits.teacher import default_teacher_path
 
 #: σ of the velocity table: the SD3.5 anchors (1, .9, .75, .5), ISG mid-points between them and below the last one

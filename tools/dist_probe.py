@@ -22,8 +22,13 @@ Modes:
              ``rank<r>.json`` with the final full weights' hash and max difference to a single-process run on the
              union of the data.
 
+``logger``   the trainer's :class:`~senseflow.trainer.logger.RunLogger` on every rank: each logs rank-dependent losses
+             and other values (its own key order) at two steps; rank 0 writes ``RUN_DIR/metrics.jsonl`` and
+             ``RUN_DIR/tensorboard``; every rank writes the values it passed to ``<out>/rank<r>.json``.
+
 usage: torchrun --nproc_per_node 2 tools/dist_probe.py trainer TRAINER CONFIG RUN_DIR OUT_DIR [key=value ...]
        torchrun --nproc_per_node 2 tools/dist_probe.py toy OUT_DIR
+       torchrun --nproc_per_node 2 tools/dist_probe.py logger RUN_DIR OUT_DIR
 (positional arguments only: torchrun would take options such as ``--run`` for abbreviations of its own)
 """
 from __future__ import annotations
@@ -237,6 +242,32 @@ def probe_toy(args: argparse.Namespace) -> None:
     sfdist.cleanup()
 
 
+# ---- logger ---------------------------------------------------------------------------------------------------
+
+
+def probe_logger(args: argparse.Namespace) -> None:
+    from senseflow import dist as sfdist
+    from senseflow.trainer.logger import RunLogger
+
+    info = sfdist.init_distributed("cpu")
+    r = info.rank
+    Path(args.run).mkdir(parents=True, exist_ok=True)
+    logger = RunLogger(Path(args.run), total=2, start=0, enabled=info.is_main, device=info.device)
+    passed = []
+    for step in (1, 2):
+        values = {"loss/generator": step / 3 + 0.7 * r, "loss/fake": 0.1 * step * (r + 1) ** 2,
+                  "lr/generator": 1e-4 * (r + 1), "time/iteration_s": 0.5 + r}
+        if r % 2:  # the loss keys in another order than rank 0's
+            values = dict(reversed(list(values.items())))
+        logger.scalars(step, values)
+        passed.append(values)
+    logger.close()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{r}.json").write_text(json.dumps(passed, indent=1))
+    sfdist.barrier()
+    sfdist.cleanup()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="mode", required=True)
@@ -248,10 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("overrides", nargs="*")
     y = sub.add_parser("toy")
     y.add_argument("out")
+    lg = sub.add_parser("logger")
+    lg.add_argument("run")
+    lg.add_argument("out")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.mode == "trainer":
         probe_trainer(args)
+    elif args.mode == "logger":
+        probe_logger(args)
     else:
         probe_toy(args)
     return 0

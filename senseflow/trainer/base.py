@@ -9,7 +9,8 @@ Per iteration ``it`` (counting from 1):
 3. on generator iterations: clip, step G, then IDA φ ← λφ + (1−λ)θ (§7), then the EMA;
 4. fake score: accumulate ∇L_F over the micro-batches' detached samples, clip, step (every iteration);
 5. discriminator heads: accumulate the hinge loss, clip, step (every iteration);
-6. every LR scheduler steps once per iteration; log, preview and checkpoint on their periods.
+6. every LR scheduler steps once per iteration; log (losses averaged over the ranks), preview and checkpoint on
+   their periods.
 
 The trainer computes no loss itself: :class:`~senseflow.method.distill.Distiller` does.
 """
@@ -450,7 +451,7 @@ class DistillationTrainer:
     def train(self) -> None:
         cfg = self.cfg
         total = int(cfg.train.iterations)
-        logger = RunLogger(self.run_dir, total, self.iteration, self.info.is_main)
+        logger = RunLogger(self.run_dir, total, self.iteration, self.info.is_main, self.device)
         log_every, save_every = int(cfg.train.log_interval), int(cfg.train.save_interval)
         preview_every = int(cfg.train.preview_interval)
         try:

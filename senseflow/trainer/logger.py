@@ -1,18 +1,24 @@
-"""Console progress bar, TensorBoard scalars and metrics.jsonl (rank 0 only)."""
+"""Console progress bar, TensorBoard scalars and metrics.jsonl (written by rank 0; losses averaged over the ranks)."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
+
+from senseflow import dist as sfdist
 
 
 class RunLogger:
-    """tqdm bar with it/s and ETA, plus TensorBoard scalars under ``<run_dir>/tensorboard``; silent off rank 0."""
+    """tqdm bar with it/s and ETA, plus TensorBoard scalars under ``<run_dir>/tensorboard``; silent off rank 0.
+    ``device``: where the ranks' losses are averaged (the process group's device: CUDA under NCCL)."""
 
-    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool,
+                 device: torch.device | str = "cpu") -> None:
         self.enabled = enabled
+        self.device = torch.device(device)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.writer = None
         self.bar = None
@@ -24,7 +30,14 @@ class RunLogger:
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        """TensorBoard scalars plus one JSON line per call in ``<run_dir>/metrics.jsonl`` (for scripts and tests)."""
+        """TensorBoard scalars plus one JSON line per call in ``<run_dir>/metrics.jsonl`` (for scripts and tests).
+
+        The losses (keys ``loss/...``) logged are their mean over the ranks (one ``all_reduce``; in a single process
+        the values as given), so every rank calls this at the same steps with the same loss keys; the other values
+        are rank 0's own."""
+        losses = {k: v for k, v in values.items() if k.startswith("loss/")}
+        if losses:
+            values = {**values, **sfdist.mean_over_ranks(losses, self.device)}
         if self.writer is None:
             return
         for k, v in values.items():

@@ -1,5 +1,8 @@
 """Where a distilled digits student loses to its teacher: two measurements on the evaluator's prompt/noise set.
 
+Research tooling (not part of the ``senseflow`` package): the functions behind ``tools/diagnose_digits.py``,
+imported from this folder by that script and by ``tests/test_digits_diagnose.py``.
+
 **Hand-over FD-T.** On the student's K anchors τ₀ > … > τ_{K−1} (τ_K the clean end), the guided teacher takes the
 first j Euler steps and the student the remaining K − j::
 

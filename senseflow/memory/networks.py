@@ -1,0 +1,215 @@
+"""The networks of a run, built on meta from the config (which ones a family uses, the discriminator's heads), and
+the trace of one iteration's forwards with grad at the config's resolution and per-GPU batch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from senseflow.memory.activations import ActivationProfile, _Traces, trace_activations
+from senseflow.memory.arch import _no_power_iterations, build_meta, load_arch_config
+from senseflow.memory.budget import MemoryPlanError, _Net
+
+# ---- which networks a family uses ----------------------------------------------------------------------------
+_DENOISER_UNITS = {
+    "flux": ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
+    "sd3": ("JointTransformerBlock",),
+    "sdxl": ("ResnetBlock2D", "BasicTransformerBlock"),  # what diffusers checkpoints inside the UNet
+}
+_FSDP_UNITS = {  # one FSDP unit each (senseflow.models.families.*.block_types)
+    "flux": ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
+    "sd3": ("JointTransformerBlock",),
+    "sdxl": ("DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+}
+_TEXT_ENCODERS = {
+    "flux": [("CLIP-L text", "clip_vit_l14_text", "text_encoder"),
+             ("T5-XXL encoder", "t5_v1_1_xxl_encoder", "text_encoder_2")],
+    "sd3": [("CLIP-L text", "clip_vit_l14_text_with_projection", "text_encoder"),
+            ("CLIP-G text", "clip_bigg14_text_with_projection", "text_encoder_2"),
+            ("T5-XXL encoder", "t5_v1_1_xxl_encoder", "text_encoder_3")],
+    "sdxl": [("CLIP-L text", "clip_vit_l14_text", "text_encoder"),
+             ("CLIP-bigG text", "clip_bigg14_text_with_projection", "text_encoder_2")],
+}
+_VAE = {"flux": "flux_vae", "sd3": "sd3_vae", "sdxl": "sdxl_vae"}
+_DENOISER_SUBFOLDER = {"flux": "transformer", "sd3": "transformer", "sdxl": "unet"}
+_DISC_BACKBONE, _DISC_TEXT = "dinov2_large", "clip_vit_l14_text_with_projection"
+
+
+def _resolve_denoiser(cfg: Any, denoiser: str | None) -> tuple[str, dict[str, Any]]:
+    """The teacher's architecture: ``denoiser`` (a shipped name or a path), else the teacher folder's own
+    ``config.json`` when it exists, else the shipped public config for the family."""
+    family = cfg.teacher.family
+    if denoiser:
+        return str(denoiser), load_arch_config(denoiser)
+    local = Path(cfg.teacher.path) / _DENOISER_SUBFOLDER[family] / "config.json"
+    if local.is_file():
+        return str(local), load_arch_config(local)
+    if family == "flux":
+        return "flux_dev_transformer", load_arch_config("flux_dev_transformer")
+    if family == "sdxl":
+        return "sdxl_unet", load_arch_config("sdxl_unet")
+    hint = f"{cfg.experiment.name} {cfg.teacher.path}".lower()
+    for size in ("large", "medium"):
+        if size in hint:
+            return f"sd35_{size}_transformer", load_arch_config(f"sd35_{size}_transformer")
+    raise MemoryPlanError("teacher.family=sd3: cannot tell SD3.5 Medium from Large (no 'medium'/'large' in "
+                          "experiment.name or teacher.path, no local transformer/config.json); pass --denoiser "
+                          "sd35_medium_transformer or sd35_large_transformer")
+
+
+def _local_or_shipped(cfg: Any, subfolder: str, shipped: str) -> dict[str, Any]:
+    local = Path(cfg.teacher.path) / subfolder / "config.json"
+    return load_arch_config(local if local.is_file() else shipped)
+
+
+def _denoiser_inputs(family: str, config: dict[str, Any], cfg: Any, batch: int, lat: int, dtype: torch.dtype,
+                     device: str = "meta") -> Callable[[nn.Module], Any]:
+    """A closure running the student's forward (no guidance input) on inputs of the run's shapes: latents of
+    side ``lat``, the config's text lengths."""
+    kw = dict(device=device, dtype=dtype)
+    if family == "flux":
+        n_img = (lat // 2) ** 2
+        text_len = int(cfg.teacher.t5_max_length)
+        x = torch.zeros(batch, n_img, config["in_channels"], requires_grad=True, **kw)
+        context = torch.zeros(batch, text_len, config["joint_attention_dim"], **kw)
+        inputs = dict(hidden_states=x, encoder_hidden_states=context,
+                      pooled_projections=torch.zeros(batch, config["pooled_projection_dim"], **kw),
+                      timestep=torch.ones(batch, device=device), img_ids=torch.zeros(n_img, 3, device=device),
+                      txt_ids=torch.zeros(text_len, 3, device=device))
+    elif family == "sd3":
+        text_len = int(cfg.teacher.clip_max_length) + int(cfg.teacher.t5_max_length)
+        x = torch.zeros(batch, config["in_channels"], lat, lat, requires_grad=True, **kw)
+        context = torch.zeros(batch, text_len, config["joint_attention_dim"], **kw)
+        inputs = dict(hidden_states=x, encoder_hidden_states=context,
+                      pooled_projections=torch.zeros(batch, config["pooled_projection_dim"], **kw),
+                      timestep=torch.ones(batch, device=device))
+    else:
+        x = torch.zeros(batch, config["in_channels"], lat, lat, requires_grad=True, **kw)
+        n_time = 6 * int(config.get("addition_time_embed_dim") or 0)
+        text_embeds = int(config.get("projection_class_embeddings_input_dim") or 0) - n_time
+        inputs = dict(sample=x, timestep=torch.ones(batch, device=device),
+                      encoder_hidden_states=torch.zeros(batch, int(cfg.teacher.clip_max_length),
+                                                        config["cross_attention_dim"], **kw),
+                      added_cond_kwargs={"text_embeds": torch.zeros(batch, text_embeds, **kw),
+                                         "time_ids": torch.zeros(batch, 6, **kw)})
+    return lambda net: net(**inputs, return_dict=False)[0]
+
+
+def _discriminator(cfg: Any, dino: nn.Module, c_dim: int) -> tuple[nn.Module | None, str]:
+    """The real VFMDiscriminator built on meta around the meta DINOv2 (None if its constructor does not fit)."""
+    d = cfg.discriminator
+    try:
+        from senseflow.models.discriminator import VFMDiscriminator
+
+        with torch.device("meta"), _no_power_iterations():
+            return VFMDiscriminator.from_config(dino, c_dim, d), ""  # the trainer's constructor path
+    except Exception as exc:  # fall back to the analytic head count of docs/method.md §9.1
+        return None, f"discriminator heads counted analytically (VFMDiscriminator could not be built: {exc})"
+
+
+def analytic_head_params(channels: int, c_dim: int, cmap_dim: int, downsample: int, kernel: int = 3) -> int:
+    """Trainable parameters of one D head (docs/method.md §9.1): main and refmapper stacks (1×1 block, ``downsample``
+    stride-2 3×3 convs, ``downsample``−1 residual k×k blocks, BatchNormLocal affines), cls and refmapper 1×1
+    projections to cmap_dim, and the equalised linear c_dim → cmap_dim."""
+    conv = lambda k, cin, cout: k * k * cin * cout + cout  # noqa: E731
+    block = lambda k: conv(k, channels, channels) + 2 * channels  # noqa: E731
+    stack = block(1) + downsample * conv(3, channels, channels) + max(downsample - 1, 0) * block(kernel)
+    return 2 * stack + 2 * conv(1, channels, cmap_dim) + c_dim * cmap_dim + cmap_dim
+
+
+def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded: bool,
+                    disc_backbone_dtype: str) -> tuple[str, dict[str, Any], list[_Net], nn.Module | None, list[str]]:
+    """(teacher arch name, its config, the run's networks on meta, the meta VFMDiscriminator or None, notes)."""
+    family = cfg.teacher.family
+    arch, den_cfg = _resolve_denoiser(cfg, denoiser)
+    student_cfg = dict(den_cfg, guidance_embeds=False) if family == "flux" else den_cfg  # docs/method.md decision 4
+    units, notes = _FSDP_UNITS[family], []
+    nets = [
+        _Net("generator", "generator G", arch, build_meta(student_cfg), True, "float32", fsdp, units),
+        _Net("fake", "fake score F", arch, build_meta(student_cfg), True, "float32", fsdp, units),
+        _Net("teacher", "teacher T", arch, build_meta(den_cfg), False, cfg.teacher.dtype, fsdp and teacher_sharded,
+             units),
+        _Net("vae", "VAE", _VAE[family], build_meta(_local_or_shipped(cfg, "vae", _VAE[family])), False,
+             cfg.teacher.vae_dtype, False),
+    ]
+    for label, name, sub in _TEXT_ENCODERS[family]:
+        nets.append(_Net(f"text:{sub}", label, name, build_meta(_local_or_shipped(cfg, sub, name)), False,
+                         cfg.teacher.text_encoder_dtype, False))
+    disc = None
+    if cfg.method.gan.enabled:
+        d = cfg.discriminator
+        local = lambda path: path and Path(path, "config.json").is_file()  # noqa: E731
+        dino = build_meta(load_arch_config(d.dino_path if local(d.dino_path) else _DISC_BACKBONE))
+        clip_cfg = load_arch_config(d.clip_path if local(d.clip_path) else _DISC_TEXT)
+        if clip_cfg.get("model_type") == "clip":  # a full CLIP folder: its text tower with projection
+            clip_cfg = dict(clip_cfg["text_config"], architectures=["CLIPTextModelWithProjection"],
+                            projection_dim=clip_cfg.get("projection_dim", 768))
+        clip_text = build_meta(clip_cfg)
+        nets.append(_Net("disc_backbone", "D backbone DINOv2", _DISC_BACKBONE, dino, False, disc_backbone_dtype, False))
+        nets.append(_Net("disc_text", "D text CLIP-L/14", _DISC_TEXT, clip_text, False, disc_backbone_dtype, False))
+        c_dim = int(clip_text.config.projection_dim)
+        disc, why = _discriminator(cfg, dino, c_dim)
+        if disc is not None:
+            heads: nn.Module = disc.heads
+            label = f"D heads ×{len(disc.heads)}"
+        else:  # one flat meta tensor of the analytic size (docs/method.md §9.1)
+            notes.append(why)
+            n_heads = len(d.hooks) + int(d.hook_patch)
+            per_head = analytic_head_params(dino.config.hidden_size, c_dim, d.cmap_dim, d.downsample, d.kernel_size)
+            size = n_heads * per_head
+            heads = nn.ParameterList([nn.Parameter(torch.empty(size, device="meta"))])
+            label = f"D heads ×{n_heads} (analytic)"
+        nets.append(_Net("disc_heads", label, "VFMDiscriminator heads", heads, True, "float32", False))
+    if cfg.method.dmd2_cls.enabled and family == "sdxl":
+        from senseflow.models.dmd2_head import DMD2ClassifierHead, bottleneck_shape
+
+        lat = int(cfg.teacher.resolution) // 8
+        ch, h, _ = bottleneck_shape(nets[1].module.config, (lat, lat))
+        with torch.device("meta"):
+            head = DMD2ClassifierHead(ch, h)
+        nets.append(_Net("dmd2_head", "DMD2 classifier head", "DMD2ClassifierHead", head, True, "float32", False))
+        notes.append("DMD2 classifier: its fake-UNet forward with grad is counted as one more denoiser activation "
+                     "in the G and F steps (upper bound)")
+    return arch, student_cfg, nets, disc, notes
+
+
+def _trace_run(cfg: Any, student_cfg: dict[str, Any], nets: list[_Net], disc: nn.Module | None,
+               disc_backbone_dtype: str) -> _Traces:
+    """Trace the forwards with grad of one iteration at the config's resolution and per-GPU batch."""
+    family, batch, res = cfg.teacher.family, int(cfg.train.batch_size), int(cfg.teacher.resolution)
+    compute = None if cfg.train.mixed_precision == "fp32" else torch.bfloat16
+    by = {n.key: n.module for n in nets}
+    vae = by["vae"].to(getattr(torch, cfg.teacher.vae_dtype))
+    lat = res // (2 ** (len(vae.config.block_out_channels) - 1))  # latent side (VAE downsampling 8)
+    gen = by["generator"].to(compute or torch.float32)  # FSDP2 MixedPrecisionPolicy: blocks compute in bf16
+    den = trace_activations(gen, _denoiser_inputs(family, student_cfg, cfg, batch, lat, compute or torch.float32),
+                            _DENOISER_UNITS[family], compute)
+    gen.float()
+    channels = int(vae.config.latent_channels)
+    z = torch.zeros(batch, channels, lat, lat, device="meta", dtype=getattr(torch, cfg.teacher.vae_dtype),
+                    requires_grad=True)
+    batch_tensors = 2 * batch * 3 * res * res * 4 + 3 * batch * channels * lat * lat * 4  # pixels; latents, x_in
+    empty = ActivationProfile()
+    if disc is None:  # no GAN: the decode with grad and the discriminator do not run
+        return _Traces(den, empty, empty, empty, empty, batch_tensors, compute)
+    decode = lambda m: m.decode(z).sample  # noqa: E731
+    vae_prof = trace_activations(vae, decode, ("ResnetBlock2D", "Attention"), compute)
+    vae_ckpt = trace_activations(vae, decode, ("UNetMidBlock2D", "UpDecoderBlock2D"), compute)
+    disc.to(getattr(torch, disc_backbone_dtype))
+    disc.heads.float()
+    dino_cfg = disc.dino.config
+    judged = res if cfg.discriminator.resolution is None else int(cfg.discriminator.resolution)
+    side = judged // int(dino_cfg.patch_size)
+    refs = [torch.zeros(batch, int(dino_cfg.hidden_size), side, side, device="meta") for _ in range(len(disc.heads))]
+    c = torch.zeros(batch, int(by["disc_text"].config.projection_dim), device="meta")
+    x = torch.zeros(batch, 3, res, res, device="meta", requires_grad=True)
+    x_detached = torch.zeros(batch, 3, res, res, device="meta")
+    with _no_power_iterations():
+        disc.heads.requires_grad_(False)  # G step: gradient to the pixels only
+        disc_g = trace_activations(disc, lambda m: m(x, c, refs, None), ("Dinov2Layer",), compute)
+        disc.heads.requires_grad_(True)  # D step: gradient to the heads only, pixels detached
+        disc_d = trace_activations(disc, lambda m: m(x_detached, c, refs, None), ("DiscriminatorHead",), compute)
+    batch_tensors += sum(r.numel() for r in refs) * 4
+    return _Traces(den, vae_prof, vae_ckpt, disc_g, disc_d, batch_tensors, compute)
