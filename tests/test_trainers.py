@@ -133,8 +133,8 @@ def test_two_accumulation_steps_of_batch_1_equal_one_step_of_batch_2(tiny_assets
     thing its optimiser steps on) and its updated weights agree.
 
     The GAN is off because BatchNormLocal normalises over the micro-batch (a batch of 2 is not two batches of 1).
-    Tolerances: gradients within 1e-4 of each tensor's largest entry, weights 1e-5 absolute, 1% of the 1e-3 step
-    (float32 summation order differs between one batch of 2 and two batches of 1).
+    Tolerances: gradients within 1e-4 of each tensor's largest entry, weights 1e-5 absolute, 1% of the 1e-3 step,
+    where the gradient is resolved (float32 summation order differs between one batch of 2 and two batches of 1).
     """
     common = ["method.gd=1", "train.iterations=1", "method.gan.enabled=false", "method.backward_simulation_prob=0.0",
               "optimizer.lr_generator=1e-3", "optimizer.lr_start=1e-3", "optimizer.grad_clip=null"]
@@ -164,7 +164,13 @@ def test_two_accumulation_steps_of_batch_1_equal_one_step_of_batch_2(tiny_assets
     after = {k: snapshot(t.generator) for k, t in runs.items()}
     assert max((after["batch2"][k] - before[k]).abs().max().item() for k in before) > 1e-4  # the update is real
     for key in before:
-        torch.testing.assert_close(after["batch1x2"][key], after["batch2"][key], rtol=0, atol=1e-5)
+        # AdamW's first step moves a weight by ≈ lr·g/(|g| + eps): wherever the gradient is resolved (|g| above
+        # twice the gradients' agreement) both runs take the same step; where |g| is within float noise of 0 its
+        # sign, hence the step, is not determined by either run
+        g = grads["batch2"].get(key)
+        resolved = g.abs() > 2e-4 * g.abs().max() if g is not None else torch.ones_like(before[key], dtype=torch.bool)
+        torch.testing.assert_close(after["batch1x2"][key][resolved], after["batch2"][key][resolved], rtol=0,
+                                   atol=1e-5)
 
 
 @pytest.mark.parametrize("name", TRAINER_NAMES)
