@@ -1,10 +1,12 @@
 """The shipped digits teacher: where it is, how to load and sample it, and how well it samples.
 
-The teacher is a small SD3-family ``StableDiffusion3Pipeline`` folder trained on scikit-learn's digits
-(``senseflow/assets/digits_teacher``): VAE, MMDiT and text encoders, with the recipe that
-``senseflow teacher train --family sd3`` runs (configs/teacher/sd3.yaml). Teachers of every family made by that
-command load and sample through the same functions (:func:`load_teacher` picks the stock pipeline the folder's
-``model_index.json`` names). Generation uses ``max_sequence_length`` = 77, the T5 length it was trained with.
+The teacher is a small SD3-family ``StableDiffusion3Pipeline`` folder (``senseflow/assets/digits_teacher``,
+2.3 MB): VAE, MMDiT and text encoders with the architecture and training settings of ``configs/teacher/sd3.yaml``,
+trained on the digits' training split (80%, :func:`senseflow.digits.data.load_digits_data`); its training record
+is ``senseflow_digits_teacher.json``. Digits teachers of every family come from ``senseflow teacher train``
+(``tools/train_digits_teacher.py``) and load and sample through the same functions (:func:`load_teacher` picks
+the stock pipeline the folder's ``model_index.json`` names). Generation uses ``max_sequence_length`` = 77, the T5
+length it was trained with.
 """
 from __future__ import annotations
 

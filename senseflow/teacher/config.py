@@ -70,7 +70,8 @@ class TimestepSettings:
 
 @dataclass
 class DenoiserTraining:
-    """Stage 2: the family's own objective (ε on DDPM, v = ε − x₀ on flow), text encoders trained jointly."""
+    """Stage 2: the family's own objective (ε on DDPM, v = ε − x₀ on flow), text encoders trained jointly. The EMA
+    decay after step n (0-based) is min(ema_decay, (1 + n)/(ema_warmup + n))."""
 
     steps: int = 2000
     batch_size: int = 32
@@ -79,6 +80,7 @@ class DenoiserTraining:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: int = 10
     caption_dropout: float = 0.1
     train_text_encoders: bool = True
     timesteps: TimestepSettings = field(default_factory=TimestepSettings)
@@ -95,6 +97,7 @@ class GuidanceDistillation:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     ema_decay: float = 0.99
+    ema_warmup: int = 10
     scale_min: float = 1.0
     scale_max: float = 6.0
     train: str = "all"
@@ -189,10 +192,12 @@ def validate(cfg: TeacherTrainConfig, label: str) -> None:
     d = cfg.denoiser_training
     need(0.0 <= d.caption_dropout < 1.0, "denoiser_training.caption_dropout", "a probability in [0, 1)")
     need(0.0 <= d.ema_decay < 1.0, "denoiser_training.ema_decay", "a decay in [0, 1)")
+    need(d.ema_warmup >= 1, "denoiser_training.ema_warmup", "≥ 1 (steps over which the EMA decay ramps up)")
     need(d.timesteps.kind in ("uniform", "logit_normal"), "denoiser_training.timesteps.kind", "uniform or logit_normal")
     g = cfg.guidance_distillation
     need(g.train in ("all", "guidance_embedder"), "guidance_distillation.train", "all or guidance_embedder")
     need(0.0 <= g.ema_decay < 1.0, "guidance_distillation.ema_decay", "a decay in [0, 1)")
+    need(g.ema_warmup >= 1, "guidance_distillation.ema_warmup", "≥ 1 (steps over which the EMA decay ramps up)")
     need(0 < g.scale_min <= g.scale_max, "guidance_distillation.scale_max", "≥ scale_min > 0")
     need(g.steps == 0 or cfg.family == "flux", "guidance_distillation.steps",
          "0: only FLUX teachers carry a guidance embedding")

@@ -107,14 +107,14 @@ class Stage:
 
     def __init__(self, name: str, state_dir: Path, modules: nn.ModuleDict, steps: int, lr: float, warmup: int,
                  seed: int, every: int, weight_decay: float = 0.0, grad_clip: float | None = None,
-                 ema_decay: float | None = None) -> None:
+                 ema_decay: float | None = None, ema_warmup: int = 1) -> None:
         self.name, self.path, self.modules, self.steps, self.every = (
             name, state_dir / f"{name}.pt", modules, steps, every
         )
         self.params = [p for p in modules.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, steps, warmup))
-        self.grad_clip, self.ema_decay = grad_clip, ema_decay
+        self.grad_clip, self.ema_decay, self.ema_warmup = grad_clip, ema_decay, ema_warmup
         self.ema = copy.deepcopy(modules).requires_grad_(False).eval() if ema_decay is not None else None
         self.generator = torch.Generator().manual_seed(int(seed))
         self.step, self.losses, self.seconds = 0, [], 0.0
@@ -154,7 +154,7 @@ class Stage:
             self.optimizer.step()
             self.scheduler.step()
             if self.ema is not None:
-                decay = min(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+                decay = min(self.ema_decay, (1.0 + self.step) / (self.ema_warmup + self.step))
                 with torch.no_grad():
                     for e, p in zip(self.ema.parameters(), self.modules.parameters()):
                         if p.requires_grad:
@@ -251,7 +251,8 @@ def _train_denoiser(cfg: TeacherTrainConfig, out: Path, data: CaptionedImages, d
     net = family.build_student(family.load_denoiser(torch.float32))   # FLUX: without the guidance embedding
     text = _text_modules(family).requires_grad_(t.train_text_encoders).train(t.train_text_encoders)
     stage = Stage("denoiser", out / STATE_DIR, nn.ModuleDict({"denoiser": net, "text": text}), t.steps, t.lr,
-                  t.warmup_steps, cfg.seed * 1000 + 3, cfg.checkpoint_every, t.weight_decay, t.grad_clip, t.ema_decay)
+                  t.warmup_steps, cfg.seed * 1000 + 3, cfg.checkpoint_every, t.weight_decay, t.grad_clip, t.ema_decay,
+                  t.ema_warmup)
     schedule = family.schedule(cfg.resolution, cfg.resolution)
     sampler = _timestep_sampler(cfg)
     b = t.batch_size
@@ -329,7 +330,8 @@ def _distil_guidance(cfg: TeacherTrainConfig, out: Path, data: CaptionedImages, 
 
     before = errors(guided)
     stage = Stage("guidance", out / STATE_DIR, nn.ModuleDict({"transformer": guided}), t.steps, t.lr,
-                  t.warmup_steps, cfg.seed * 1000 + 4, cfg.checkpoint_every, 0.0, t.grad_clip, t.ema_decay)
+                  t.warmup_steps, cfg.seed * 1000 + 4, cfg.checkpoint_every, 0.0, t.grad_clip, t.ema_decay,
+                  t.ema_warmup)
 
     def loss(gen: torch.Generator) -> Tensor:
         x_tau, tau, cond = batch(gen, t.batch_size)
