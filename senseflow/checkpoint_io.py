@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from senseflow.models.families import FAMILY_NAMES, get_family
+
 __all__ = [
     "CheckpointMismatchError",
     "StudentSource",
@@ -44,10 +46,12 @@ __all__ = [
     "load_student",
 ]
 
-#: subfolders of a diffusers pipeline folder that may hold the denoiser, in search order
-DENOISER_SUBFOLDERS: tuple[str, ...] = ("transformer", "unet")
-#: the diffusers classes a student may be (``_class_name`` of its config is checked against this list)
-DENOISER_CLASSES: tuple[str, ...] = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+#: subfolders of a diffusers pipeline folder that may hold the denoiser (the families' ``denoiser_subfolder``), in
+#: search order (sorted: a pipeline folder holds one denoiser, the order only makes the search deterministic)
+DENOISER_SUBFOLDERS: tuple[str, ...] = tuple(sorted({get_family(n).denoiser_subfolder for n in FAMILY_NAMES}))
+#: the diffusers classes a student may be (the families' ``denoiser_class_name``; ``_class_name`` of its config is
+#: checked against this list)
+DENOISER_CLASSES: tuple[str, ...] = tuple(dict.fromkeys(get_family(n).denoiser_class_name for n in FAMILY_NAMES))
 #: wrapper prefixes that DDP, torch.compile and FSDP1 add to parameter names
 _WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 #: keys of a ``torch.save``-d dict that may hold the student's state dict, in preference order

@@ -5,7 +5,9 @@
 * every component of the teacher folder (hard-linked where the file system allows, else copied), except
 * the denoiser: the student G_θ in ``transformer/`` or ``unet/`` (``save_pretrained``, safetensors; FLUX with
   ``guidance_embeds=false``, decision 4),
-* a scheduler with which the stock pipeline runs *our* Euler sampler x ← x + (τ_{k+1} − τ_k)·v on our anchors:
+* a scheduler with which the stock pipeline runs *our* Euler sampler x ← x + (τ_{k+1} − τ_k)·v on our anchors
+  (the family's ``export_scheduler_config`` and ``export_pipeline_kwargs``; anchors from
+  :mod:`senseflow.method.sampling`, as the inference scripts use them):
 
   - FLUX: the teacher's ``FlowMatchEulerDiscreteScheduler`` (dynamic shift) unchanged; ``FluxPipeline`` with
     ``num_inference_steps=N`` uses σ_k = shift_μ(1 − k/N), μ from the image-token count, our anchors; no guidance;
@@ -46,79 +48,45 @@ from senseflow.checkpoint_io import (
     student_config,
 )
 from senseflow.inference import PIPELINE_CLASSES, SPECS, UsageError, check_teacher_folder
+from senseflow.models.families import FAMILY_NAMES, get_family
 from senseflow.quiet import quiet_libraries
 
-__all__ = [
-    "FAMILIES", "PIPELINES", "pipeline_kwargs", "sdxl_timesteps", "flow_grid", "readme_text", "export", "main_export"
-]
+__all__ = ["FAMILIES", "PIPELINES", "pipeline_kwargs", "readme_text", "export", "main_export"]
 
-#: the inference spec (class names, overrides, ignored keys) of each exportable family
-FAMILIES: dict[str, str] = {"sdxl": "sdxl", "sd3": "sd35-medium", "flux": "flux"}
+#: the inference script (spec) that samples each exportable family's student: the first spec of that family
+FAMILIES: dict[str, str] = {
+    name: next(key for key, spec in SPECS.items() if spec.family == name)
+    for name in FAMILY_NAMES
+    if any(spec.family == name for spec in SPECS.values())
+}
 #: the stock pipeline class of each family
 PIPELINES: dict[str, str] = PIPELINE_CLASSES
 _DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: SD3.5's training T5 length (§12); the pipeline's default is 256
-SD3_MAX_SEQUENCE_LENGTH = 77
 
 
-def flow_grid(steps: int) -> list[float]:
-    """The unshifted σ grid u_k = 1 − k/N (k = 0..N−1) of a flow family's N-step anchors: [1, .75, .5, .25] for 4."""
-    return [1.0 - k / steps for k in range(steps)]
-
-
-def sdxl_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """SDXL anchors t_k = (T − 1) − k·T/N: [999, 749, 499, 249] for N = 4 (the reference's ``range(999, 0, -250)``)."""
-    return [int(num_train_timesteps - 1 - k * num_train_timesteps // steps) for k in range(steps)]
+def _family(family: str) -> Any:
+    """The registered family ``family`` (its registry name; aliases are refused as before)."""
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"unknown family {family!r} (expected one of {', '.join(FAMILY_NAMES)})")
+    return get_family(family)
 
 
 def pipeline_kwargs(family: str, steps: int) -> dict[str, Any]:
     """Keyword arguments with which the stock pipeline reproduces our N-step Euler sampler on the exported folder."""
-    if family == "flux":
-        return {"num_inference_steps": steps}
-    if family == "sd3":
-        return {"sigmas": flow_grid(steps), "guidance_scale": 1.0, "max_sequence_length": SD3_MAX_SEQUENCE_LENGTH}
-    if family == "sdxl":
-        return {"timesteps": sdxl_timesteps(steps), "guidance_scale": 0.0}
-    raise ValueError(f"unknown family {family!r} (expected one of {', '.join(FAMILIES)})")
-
-
-def _scheduler_config(family: str, teacher_config: dict[str, Any]) -> dict[str, Any]:
-    """The exported scheduler config (see the module docstring)."""
-    if family == "sdxl":
-        keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-        cfg = {k: teacher_config[k] for k in keep if k in teacher_config}
-        cfg.update(_class_name="EulerDiscreteScheduler", prediction_type="epsilon", interpolation_type="linear",
-                   timestep_spacing="leading", steps_offset=1, use_karras_sigmas=False, final_sigmas_type="zero")
-        return cfg
-    name = teacher_config.get("_class_name")
-    if name != "FlowMatchEulerDiscreteScheduler":
-        raise ValueError(
-            f"the teacher's scheduler is {name!r}; a {family} export needs FlowMatchEulerDiscreteScheduler"
-        )
-    if family == "flux" and not teacher_config.get("use_dynamic_shifting", False):
-        raise ValueError("the FLUX teacher's scheduler has no dynamic shifting; its anchors would not be FLUX's")
-    return dict(teacher_config)
+    return _family(family).export_pipeline_kwargs(steps)
 
 
 def readme_text(family: str, steps: int, out_name: str, source: str) -> str:
     """README.md of an exported folder: what it holds and the exact pipeline call."""
-    pipe = PIPELINES[family]
+    fam = _family(family)
+    pipe = fam.pipeline_class_name
     kwargs = pipeline_kwargs(family, steps)
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    notes = {
-        "flux": "The student has no guidance embedding (`guidance_embeds: false`), so `guidance_scale` has no effect; "
-                "do not pass `negative_prompt` (that would switch on true CFG).",
-        "sd3": "`sigmas` are the *unshifted* grid; the scheduler's shift 3 turns them into the training anchors "
-               "σ = 1, 0.9, 0.75, 0.5. `guidance_scale=1` switches CFG off; `max_sequence_length=77` is the T5 "
-               "length used in training.",
-        "sdxl": "`timesteps` are the training anchors; `guidance_scale=0` switches CFG off. The scheduler is an "
-                "`EulerDiscreteScheduler` with the teacher's betas, which on ε-predictions is the DDIM move of the "
-                "SenseFlow Euler sampler.",
-    }[family]
+    notes = fam.export_readme_note
     return f"""# SenseFlow {steps}-step student ({family})
 
 Exported by `senseflow export` from `{source}`. This folder is a complete diffusers pipeline: the teacher's text
-encoders, tokenizers and VAE, and the distilled student in `{'unet' if family == 'sdxl' else 'transformer'}/`.
+encoders, tokenizers and VAE, and the distilled student in `{fam.denoiser_subfolder}/`.
 
 ```python
 import torch
@@ -199,33 +167,36 @@ def export(
 ) -> Path:
     """Write the exported folder (see the module docstring); returns ``out``. Inputs are checked before any
     weight is read; raises FileExistsError / FileNotFoundError / ValueError."""
-    if family not in FAMILIES:
-        raise ValueError(f"--family {family!r} is unknown (expected one of: {', '.join(FAMILIES)})")
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"--family {family!r} is unknown (expected one of: {', '.join(FAMILY_NAMES)})")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
-    spec = SPECS[FAMILIES[family]]
+    fam = get_family(family)
+    call_kwargs = fam.export_pipeline_kwargs(steps)
     teacher, out = Path(teacher), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
     if out.resolve() == teacher.resolve():
         raise ValueError("--out must differ from --teacher")
-    index = check_teacher_folder(teacher, spec.family)
-    sub = spec.denoiser_subfolder
+    index = check_teacher_folder(teacher, fam.name)
+    sub = fam.denoiser_subfolder
     cfg_path = teacher / sub / "config.json"
-    config = student_config(read_json(cfg_path), spec.student_overrides)
-    cls = denoiser_class(config, spec.student_class)
-    if cls.__name__ != spec.student_class:
-        raise ValueError(f"{cfg_path} describes a {cls.__name__}; --family {family} needs a {spec.student_class}")
-    sched = _scheduler_config(family, read_json(teacher / "scheduler" / "scheduler_config.json"))
+    config = student_config(read_json(cfg_path), fam.student_overrides)
+    cls = denoiser_class(config, fam.denoiser_class_name)
+    if cls.__name__ != fam.denoiser_class_name:
+        raise ValueError(f"{cfg_path} describes a {cls.__name__}; --family {family} needs a {fam.denoiser_class_name}")
+    teacher_sched = read_json(teacher / "scheduler" / "scheduler_config.json")
+    sched = fam.export_scheduler_config(teacher_sched)
     source = resolve_student_source(checkpoint)
-    expected = {k: tuple(v.shape) for k, v in empty_model(config, spec.student_class).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in empty_model(config, fam.denoiser_class_name).state_dict().items()}
     check_keys(
-        expected, checkpoint_shapes(source, expected), f"the {family} student ({cfg_path})", spec.ignore_prefixes
+        expected, checkpoint_shapes(source, expected), f"the {family} student ({cfg_path})",
+        fam.student_ignore_prefixes,
     )
 
     quiet_libraries()
-    student = load_student(source, config, dtype=dtype, ignore_prefixes=spec.ignore_prefixes,
-                           fallback_class=spec.student_class)
+    student = load_student(source, config, dtype=dtype, ignore_prefixes=fam.student_ignore_prefixes,
+                           fallback_class=fam.denoiser_class_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -233,15 +204,15 @@ def export(
         student.save_pretrained(tmp / sub, safe_serialization=True)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, sort_keys=True) + "\n")
-        if family == "sdxl":
-            index = dict(index, scheduler=["diffusers", "EulerDiscreteScheduler"])
+        if sched != teacher_sched:  # a replaced scheduler (SDXL): model_index.json names its class
+            index = dict(index, scheduler=["diffusers", sched["_class_name"]])
             (tmp / "model_index.json").unlink(missing_ok=True)  # a hard link: never write through it
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         meta = {
             "family": family,
             "steps": steps,
-            "pipeline": PIPELINES[family],
-            "pipeline_kwargs": pipeline_kwargs(family, steps),
+            "pipeline": fam.pipeline_class_name,
+            "pipeline_kwargs": call_kwargs,
             "checkpoint": str(checkpoint),
             "teacher": str(teacher),
         }
@@ -267,7 +238,7 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--teacher", required=True, help="the teacher's local diffusers folder")
     p.add_argument("--checkpoint", required=True,
                    help="student: .pth, .safetensors, a training checkpoint folder (DCP) or a diffusers folder")
-    p.add_argument("--family", required=True, help=f"one of {', '.join(FAMILIES)}")
+    p.add_argument("--family", required=True, help=f"one of {', '.join(FAMILY_NAMES)}")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
     p.add_argument("--steps", type=int, default=4,
                    help="number of sampling steps written into the README call (default 4)")

@@ -21,10 +21,11 @@ Bad input prints one line ``<script>: error: <what is wrong>`` on stderr and ret
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ from senseflow.checkpoint_io import (
 )
 from senseflow.imageio import to_pil
 from senseflow.method import rng
+from senseflow.models.families import FAMILY_NAMES, get_family
 from senseflow.quiet import quiet_libraries
 
 __all__ = [
@@ -52,7 +54,6 @@ __all__ = [
     "build_parser",
     "read_prompts",
     "check_teacher_folder",
-    "pixel_multiple",
     "prepare",
     "prompt_generator",
     "initial_latents",
@@ -65,23 +66,14 @@ __all__ = [
 SAMPLERS: tuple[str, ...] = ("stochastic", "euler")
 #: the prompts file shipped at the repository root (used when the default name is not in the working directory)
 DEFAULT_PROMPTS = "senseflow_test_prompts.txt"
-#: components every teacher folder of a family must hold (besides those its model_index.json lists)
-_REQUIRED_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-            "tokenizer_3", "scheduler"),
-    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-}
-#: the stock diffusers pipeline of each family (``_class_name`` of a teacher's model_index.json)
-PIPELINE_CLASSES: dict[str, str] = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
-                                    "flux": "FluxPipeline"}
+#: the stock diffusers pipeline of each family (``_class_name`` of a teacher's model_index.json), read from the
+#: families (``pipeline_class_name``)
+PIPELINE_CLASSES: dict[str, str] = {name: get_family(name).pipeline_class_name for name in FAMILY_NAMES}
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
-
-
 
 
 class UsageError(ValueError):
@@ -93,9 +85,9 @@ class InferenceSpec:
     """What distinguishes one inference script from another; everything else is shared.
 
     ``teacher_flag`` / ``config_flag`` are the authors' flag names (README: ``--flux_ckpt`` + ``--dit_config``,
-    ``--sdxl_ckpt`` + ``--unet_config``, ``--sd35_ckpt`` + ``--transformer_config``). ``student_overrides`` are
-    applied to the student config (FLUX: ``guidance_embeds=False``, docs/method.md decision 4) and checkpoint keys under
-    ``ignore_prefixes`` are dropped (FLUX.1-dev's guidance embedder, §3.6).
+    ``--sdxl_ckpt`` + ``--unet_config``, ``--sd35_ckpt`` + ``--transformer_config``). Every fact about the model
+    (denoiser class and subfolder, student config overrides, checkpoint keys to drop, allowed image sizes) comes
+    from the teacher family (:attr:`family_class`).
     """
 
     family: str
@@ -103,40 +95,38 @@ class InferenceSpec:
     title: str
     teacher_flag: str
     config_flag: str
-    student_class: str
-    denoiser_subfolder: str
     default_sampler: str = "stochastic"
     default_steps: int = 4
     min_steps: int = 4
     max_steps: int = 4
-    student_overrides: Mapping[str, Any] = field(default_factory=dict)
-    ignore_prefixes: tuple[str, ...] = ()
 
+    @property
+    def family_class(self) -> Any:
+        """The registered teacher family (:func:`senseflow.models.families.get_family`)."""
+        return get_family(self.family)
 
-_FLUX_GUIDANCE_PREFIX = ("time_text_embed.guidance_embedder.",)
 
 #: one spec per script of the authors' README (§16.1)
 SPECS: dict[str, InferenceSpec] = {
     "flux": InferenceSpec(
         family="flux", preset="flux", title="SenseFlow FLUX.1-dev student", teacher_flag="flux_ckpt",
-        config_flag="dit_config", student_class="FluxTransformer2DModel", denoiser_subfolder="transformer",
-        min_steps=4, max_steps=8, student_overrides={"guidance_embeds": False}, ignore_prefixes=_FLUX_GUIDANCE_PREFIX,
+        config_flag="dit_config", min_steps=4, max_steps=8,
     ),
     "sdxl": InferenceSpec(
         family="sdxl", preset="sdxl", title="SenseFlow SDXL student", teacher_flag="sdxl_ckpt",
-        config_flag="unet_config", student_class="UNet2DConditionModel", denoiser_subfolder="unet",
+        config_flag="unet_config",
     ),
     "sdxl-dmd2": InferenceSpec(
         family="sdxl", preset="sdxl", title="DMD2 SDXL student", teacher_flag="sdxl_ckpt",
-        config_flag="unet_config", student_class="UNet2DConditionModel", denoiser_subfolder="unet",
+        config_flag="unet_config",
     ),
     "sd35-medium": InferenceSpec(
         family="sd3", preset="sd35-medium", title="SenseFlow SD3.5 Medium student", teacher_flag="sd35_ckpt",
-        config_flag="transformer_config", student_class="SD3Transformer2DModel", denoiser_subfolder="transformer",
+        config_flag="transformer_config",
     ),
     "sd35-large": InferenceSpec(
         family="sd3", preset="sd35-large", title="SenseFlow SD3.5 Large student", teacher_flag="sd35_ckpt",
-        config_flag="transformer_config", student_class="SD3Transformer2DModel", denoiser_subfolder="transformer",
+        config_flag="transformer_config",
     ),
 }
 
@@ -166,10 +156,10 @@ def build_parser(spec: InferenceSpec, prog: str | None = None) -> argparse.Argum
     p.add_argument("--num_prompts", type=int, default=23,
                    help="number of prompts (default: 23; clipped at the file end)")
     p.add_argument("--batch_size", type=int, default=1, help="prompts per forward pass (default: 1)")
-    if spec.family == "flux":
-        default_cfg = "<flux_ckpt>/transformer/config.json with guidance_embeds=false"
-    else:
-        default_cfg = f"<{spec.teacher_flag}>/{spec.denoiser_subfolder}/config.json"
+    fam = spec.family_class
+    default_cfg = f"<{spec.teacher_flag}>/{fam.denoiser_subfolder}/config.json"
+    if fam.student_overrides:
+        default_cfg += " with " + ", ".join(f"{k}={json.dumps(v)}" for k, v in fam.student_overrides.items())
     p.add_argument(f"--{spec.config_flag}", default=None, metavar="JSON",
                    help=f"student config (default: {default_cfg})")
     p.add_argument("--sampler", default=spec.default_sampler,
@@ -237,7 +227,7 @@ def check_teacher_folder(folder: Path | str, family: str) -> dict[str, Any]:
         raise ValueError(f"teacher folder {folder} holds a {name} ({other[name]}); a {family} teacher is a "
                          f"{PIPELINE_CLASSES[family]} folder")
     listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None]
-    needed = list(dict.fromkeys([*_REQUIRED_COMPONENTS[family], *listed]))
+    needed = list(dict.fromkeys([*get_family(family).required_subfolders(), *listed]))
     for comp in needed:
         sub = folder / comp
         if not sub.is_dir():
@@ -248,19 +238,6 @@ def check_teacher_folder(folder: Path | str, family: str) -> dict[str, Any]:
         elif not comp.startswith("tokenizer") and not (sub / "config.json").is_file():
             raise FileNotFoundError(f"teacher folder {folder} is incomplete: missing {comp}/config.json")
     return index
-
-
-def pixel_multiple(vae_config: Mapping[str, Any], denoiser_config: Mapping[str, Any], family: str) -> int:
-    """Image sides must be multiples of this: VAE factor 2^(levels−1) times the latent patch (FLUX 2×2 packing,
-    SD3 ``patch_size``; 1 for the SDXL UNet)."""
-    vae_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-    if family == "flux":
-        latent_multiple = 2
-    elif family == "sd3":
-        latent_multiple = int(denoiser_config.get("patch_size", 2))
-    else:
-        latent_multiple = 1  # the UNet pads odd sizes itself (diffusers' forward_upsample_size)
-    return vae_factor * latent_multiple
 
 
 def resolve_device(name: str) -> torch.device:
@@ -330,6 +307,7 @@ def prepare(args: argparse.Namespace, spec: InferenceSpec) -> Plan:
     stop = min(len(prompts), args.start_idx + args.num_prompts)
     items = [(i, prompts[i]) for i in range(args.start_idx, stop)]
 
+    fam = spec.family_class
     teacher_dir = Path(getattr(args, spec.teacher_flag))
     check_teacher_folder(teacher_dir, spec.family)
     source = resolve_student_source(args.checkpoint)
@@ -339,25 +317,25 @@ def prepare(args: argparse.Namespace, spec: InferenceSpec) -> Plan:
     elif source.config_path is not None:
         cfg_path = source.config_path
     else:
-        cfg_path = teacher_dir / spec.denoiser_subfolder / "config.json"
-    config = student_config(read_json(cfg_path), spec.student_overrides)
-    cls = denoiser_class(config, spec.student_class)
-    if cls.__name__ != spec.student_class:
-        raise ValueError(f"{cfg_path} describes a {cls.__name__}; this script needs a {spec.student_class} config")
+        cfg_path = teacher_dir / fam.denoiser_subfolder / "config.json"
+    config = student_config(read_json(cfg_path), fam.student_overrides)
+    cls = denoiser_class(config, fam.denoiser_class_name)
+    if cls.__name__ != fam.denoiser_class_name:
+        raise ValueError(f"{cfg_path} describes a {cls.__name__}; this script needs a {fam.denoiser_class_name} config")
 
-    multiple = pixel_multiple(read_json(teacher_dir / "vae" / "config.json"), config, spec.family)
+    vae_config = read_json(teacher_dir / "vae" / "config.json")
+    multiple = fam.pixel_multiple(vae_config, config)
     for name, side in (("height", args.height), ("width", args.width)):
         if side % multiple:
             raise UsageError(f"--{name} {side} must be a multiple of {multiple} for this teacher")
-    if spec.family == "sd3" and config.get("pos_embed_max_size"):
-        limit = int(config["pos_embed_max_size"]) * multiple
-        if max(args.height, args.width) > limit:
-            raise UsageError(f"--height/--width {args.height}x{args.width} exceed this model's maximum of {limit} px")
+    limit = fam.max_pixel_side(vae_config, config)
+    if limit is not None and max(args.height, args.width) > limit:
+        raise UsageError(f"--height/--width {args.height}x{args.width} exceed this model's maximum of {limit} px")
 
     # the checkpoint's keys against the architecture: from headers / mmap only, before any weight is loaded
-    expected = {k: tuple(v.shape) for k, v in empty_model(config, spec.student_class).state_dict().items()}
-    check_keys(expected, checkpoint_shapes(source, expected), f"a {spec.student_class} built from {cfg_path}",
-               spec.ignore_prefixes)
+    expected = {k: tuple(v.shape) for k, v in empty_model(config, fam.denoiser_class_name).state_dict().items()}
+    check_keys(expected, checkpoint_shapes(source, expected), f"a {fam.denoiser_class_name} built from {cfg_path}",
+               fam.student_ignore_prefixes)
 
     return Plan(spec=spec, teacher_dir=teacher_dir, source=source, config=config, items=items,
                 output_dir=Path(args.output_dir), sampler=args.sampler, steps=args.steps, seed=args.seed,
@@ -384,13 +362,12 @@ def load_runtime(plan: Plan) -> tuple[Any, nn.Module]:
     from senseflow.models.families import build_family
 
     quiet_libraries()
+    fam = plan.spec.family_class
     kwargs: dict[str, Any] = {"path": plan.teacher_dir, "denoiser_dtype": plan.dtype, "text_dtype": plan.dtype,
-                              "vae_dtype": torch.float32}
-    if plan.spec.family == "sdxl":
-        kwargs["resolution"] = (plan.height, plan.width)
+                              "vae_dtype": torch.float32, **fam.size_kwargs(plan.height, plan.width)}
     family = build_family(plan.spec.family, device=plan.device, **kwargs)
     student = load_student(plan.source, plan.config, dtype=plan.dtype, device=plan.device,
-                           ignore_prefixes=plan.spec.ignore_prefixes, fallback_class=plan.spec.student_class)
+                           ignore_prefixes=fam.student_ignore_prefixes, fallback_class=fam.denoiser_class_name)
     return family, student
 
 

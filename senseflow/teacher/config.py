@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from senseflow.config import ConfigError, load_structured
+from senseflow.models.families import FAMILY_NAMES
 
 __all__ = [
     "TokenizerSettings",
@@ -30,8 +31,8 @@ __all__ = [
     "validate",
 ]
 
-#: families ``senseflow teacher train`` builds (SD3.5 Medium and Large are one family, ``sd3``)
-TEACHER_FAMILIES: tuple[str, ...] = ("sdxl", "sd3", "flux")
+#: families ``senseflow teacher train`` builds: every registered one (SD3.5 Medium and Large are one family, ``sd3``)
+TEACHER_FAMILIES: tuple[str, ...] = FAMILY_NAMES
 
 
 @dataclass

@@ -43,7 +43,6 @@ CARD = "teacher_card.json"
 CONFIG_FILE = "teacher_config.yaml"
 STATE_DIR = "training_state"
 SAMPLES = "samples.png"
-_GUIDANCE_PREFIX = "time_text_embed.guidance_embedder."
 
 
 # ---- output folder -----------------------------------------------------------------------------------------------
@@ -289,7 +288,7 @@ def _write_denoiser(family, net: nn.Module, out: Path, seed: int) -> None:
         torch.manual_seed(seed)
         guided = family.denoiser_class.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     missing, unexpected = guided.load_state_dict(net.state_dict(), strict=False)
-    if unexpected or any(not k.startswith(_GUIDANCE_PREFIX) for k in missing):
+    if unexpected or any(not k.startswith(family.student_ignore_prefixes) for k in missing):
         raise RuntimeError(f"cannot carry the denoiser into the guided transformer: {missing} {unexpected}")
     last = guided.time_text_embed.guidance_embedder.linear_2
     nn.init.zeros_(last.weight)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +109,12 @@ class TeacherFamily(ABC):
     name: str
     #: diffusers subfolder of the denoiser ("unet" or "transformer")
     denoiser_subfolder: str
+    #: denoiser config entries a student (G, F) differs in from the teacher (FLUX: ``guidance_embeds=False``,
+    #: docs/method.md decision 4); applied by :meth:`build_student`, inference and export
+    student_overrides: Mapping[str, Any] = MappingProxyType({})
+    #: teacher state-dict prefixes the student has no parameters for (FLUX: the guidance embedder, §3.6); keys under
+    #: them are dropped when a checkpoint is loaded into the student
+    student_ignore_prefixes: tuple[str, ...] = ()
 
     # ---- loading -------------------------------------------------------------------------------------------
     @abstractmethod

@@ -15,6 +15,7 @@ docs/method.md, decision 4: the student G and fake score F are the teacher's tra
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -74,6 +75,13 @@ class FluxFamily(DiffusersFamily):
     )
     #: the transformer's timestep argument is σ itself
     timestep_scale = 1.0
+    #: docs/method.md decision 4: G and F have no distilled-guidance embedding
+    student_overrides = MappingProxyType({"guidance_embeds": False})
+    student_ignore_prefixes = (GUIDANCE_PREFIX,)
+    export_readme_note = (
+        "The student has no guidance embedding (`guidance_embeds: false`), so `guidance_scale` has no effect; "
+        "do not pass `negative_prompt` (that would switch on true CFG)."
+    )
 
     @classmethod
     def denoiser_widths(cls, text: Mapping[str, Mapping[str, Any]], latent_channels: int, latent_size: int,
@@ -121,12 +129,27 @@ class FluxFamily(DiffusersFamily):
 
         source = self._teacher_fp32(teacher)
         config = dict(net_config(teacher))
-        config["guidance_embeds"] = False
+        config.update(self.student_overrides)
         with init_empty_weights():
             net = self.denoiser_class.from_config(config)
-        weights = {k: v for k, v in source.state_dict().items() if not k.startswith(GUIDANCE_PREFIX)}
+        weights = {k: v for k, v in source.state_dict().items() if not k.startswith(self.student_ignore_prefixes)}
         net.load_state_dict(weights, strict=True, assign=True)
         return net.to(torch.float32).train().requires_grad_(True)
+
+    # ---- export --------------------------------------------------------------------------------------------
+    @classmethod
+    def export_scheduler_config(cls, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
+        """The teacher's ``FlowMatchEulerDiscreteScheduler`` unchanged; it must shift dynamically (FLUX's anchors)."""
+        config = super().export_scheduler_config(teacher_config)
+        if not config.get("use_dynamic_shifting", False):
+            raise ValueError("the FLUX teacher's scheduler has no dynamic shifting; its anchors would not be FLUX's")
+        return config
+
+    @classmethod
+    def export_pipeline_kwargs(cls, steps: int) -> dict[str, Any]:
+        """``FluxPipeline(num_inference_steps=N)`` uses σ_k = shift_μ(1 − k/N) with μ from the image-token count:
+        our anchors (:func:`senseflow.method.sampling.make_anchors`); the student takes no guidance."""
+        return {"num_inference_steps": steps}
 
     # ---- text ----------------------------------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str], original_sizes: Tensor | None = None,

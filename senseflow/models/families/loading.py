@@ -27,6 +27,7 @@ __all__ = [
     "unwrap",
     "net_config",
     "net_dtype",
+    "vae_factor",
     "flow_schedule_from_config",
     "DiffusersFamily",
 ]
@@ -97,6 +98,11 @@ def net_dtype(net: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def vae_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixel-to-latent downscaling 2^(levels − 1) of a VAE config (8, four levels, when it does not say)."""
+    return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+
 def flow_schedule_from_config(config: Mapping, timestep_scale: float, image_seq_len: int) -> FlowSchedule:
     """A :class:`FlowSchedule` from a ``FlowMatchEulerDiscreteScheduler`` config.
 
@@ -146,6 +152,8 @@ class DiffusersFamily(TeacherFamily):
     denoiser_class_name: str
     #: T5 token length when the family has a T5 encoder (SD3.5: 77, FLUX.1-dev: 512; §12), else None
     default_t5_max_length: int | None = None
+    #: what the README of an exported folder says about the pipeline call (``senseflow export``)
+    export_readme_note: str = ""
 
     def __init__(
         self,
@@ -162,7 +170,7 @@ class DiffusersFamily(TeacherFamily):
         import diffusers
 
         self.denoiser_class = getattr(diffusers, self.denoiser_class_name)
-        self.path = check_folder(path, ("scheduler", "vae", self.denoiser_subfolder, *self.component_subfolders()))
+        self.path = check_folder(path, self.required_subfolders())
         self.student_path = self._check_student(student_path) if student_path is not None else None
         self.device = torch.device(device)
         self.text_device = torch.device(text_device) if text_device is not None else self.device
@@ -189,6 +197,12 @@ class DiffusersFamily(TeacherFamily):
     def component_subfolders(cls) -> tuple[str, ...]:
         """Text subfolders that must exist (besides scheduler, vae and the denoiser's)."""
         return tuple(name for c in cls.text_components for name in (c.encoder, c.tokenizer))
+
+    @classmethod
+    def required_subfolders(cls) -> tuple[str, ...]:
+        """Every component subfolder a teacher folder of this family must hold: scheduler, vae, the denoiser's and
+        the text encoders' and tokenizers'."""
+        return ("scheduler", "vae", cls.denoiser_subfolder, *cls.component_subfolders())
 
     @classmethod
     def denoiser_widths(cls, text: Mapping[str, Mapping[str, Any]], latent_channels: int, latent_size: int,
@@ -307,6 +321,40 @@ class DiffusersFamily(TeacherFamily):
 
     def _latent_multiple(self) -> int:
         return self.latent_multiple(self.denoiser_config)
+
+    @classmethod
+    def pixel_multiple(cls, vae_config: Mapping[str, Any], denoiser_config: Mapping[str, Any]) -> int:
+        """Image sides that inference accepts must be multiples of this: the VAE factor 2^(levels − 1) (8 when the
+        config lacks ``block_out_channels``) times :meth:`latent_multiple`."""
+        return vae_factor(vae_config) * cls.latent_multiple(denoiser_config)
+
+    @classmethod
+    def max_pixel_side(cls, vae_config: Mapping[str, Any], denoiser_config: Mapping[str, Any]) -> int | None:
+        """The largest image side the denoiser's position embedding covers, or None when there is no limit."""
+        return None
+
+    @classmethod
+    def size_kwargs(cls, height: int, width: int) -> dict[str, Any]:
+        """Constructor arguments that the generation size fixes (SDXL: the micro-conditioning target size)."""
+        return {}
+
+    # ---- export (``senseflow export``) ---------------------------------------------------------------------
+    @classmethod
+    def export_scheduler_config(cls, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
+        """The scheduler config written beside an exported student, with which the stock pipeline runs our Euler
+        sampler on our anchors; by default the teacher's own, which must be a ``scheduler_class_name``."""
+        name = teacher_config.get("_class_name")
+        if name != cls.scheduler_class_name:
+            raise ValueError(
+                f"the teacher's scheduler is {name!r}; a {cls.name} export needs {cls.scheduler_class_name}"
+            )
+        return dict(teacher_config)
+
+    @classmethod
+    def export_pipeline_kwargs(cls, steps: int) -> dict[str, Any]:
+        """Keyword arguments with which the stock pipeline reproduces our ``steps``-step Euler sampler on an exported
+        folder (anchors from :mod:`senseflow.method.sampling`)."""
+        raise ValueError(f"a {cls.name} student cannot be exported: the family defines no pipeline arguments")
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) = (latent channels, height/f, width/f), f the VAE scale factor."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from senseflow.method.sampling import flow_anchor_grid
 from senseflow.method.schedules import Schedule
 from senseflow.models.families.base import Condition, TextComponent
 from senseflow.models.families.loading import DiffusersFamily, flow_schedule_from_config
@@ -44,6 +45,11 @@ class SD3Family(DiffusersFamily):
     )
     #: the transformer's timestep argument is timestep_scale·σ
     timestep_scale = 1000.0
+    export_readme_note = (
+        "`sigmas` are the *unshifted* grid; the scheduler's shift 3 turns them into the training anchors "
+        "σ = 1, 0.9, 0.75, 0.5. `guidance_scale=1` switches CFG off; `max_sequence_length=77` is the T5 "
+        "length used in training."
+    )
 
     def _load_text(self) -> dict[str, Any]:
         text = super()._load_text()
@@ -83,6 +89,21 @@ class SD3Family(DiffusersFamily):
     @classmethod
     def latent_multiple(cls, denoiser_config: Mapping[str, Any]) -> int:
         return int(denoiser_config.get("patch_size", 2))
+
+    @classmethod
+    def max_pixel_side(cls, vae_config: Mapping[str, Any], denoiser_config: Mapping[str, Any]) -> int | None:
+        """``pos_embed_max_size`` patches of :meth:`pixel_multiple` pixels each (None when the config has none)."""
+        if not denoiser_config.get("pos_embed_max_size"):
+            return None
+        return int(denoiser_config["pos_embed_max_size"]) * cls.pixel_multiple(vae_config, denoiser_config)
+
+    # ---- export --------------------------------------------------------------------------------------------
+    @classmethod
+    def export_pipeline_kwargs(cls, steps: int) -> dict[str, Any]:
+        """``sigmas`` = the unshifted grid of our anchors (the teacher scheduler's shift 3 gives 1, .9, .75, .5 for
+        4 steps), CFG off, the training T5 length (the pipeline's default is 256)."""
+        return {"sigmas": flow_anchor_grid(steps), "guidance_scale": 1.0,
+                "max_sequence_length": cls.default_t5_max_length}
 
     # ---- schedule ------------------------------------------------------------------------------------------
     def schedule(self, height: int, width: int) -> Schedule:

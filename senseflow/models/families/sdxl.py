@@ -19,9 +19,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from senseflow.method.sampling import anchor_indices
 from senseflow.method.schedules import DDPMSchedule, Schedule
 from senseflow.models.families.base import Condition, TextComponent
-from senseflow.models.families.loading import DiffusersFamily
+from senseflow.models.families.loading import DiffusersFamily, vae_factor
 
 __all__ = ["SDXLFamily"]
 
@@ -55,6 +56,11 @@ class SDXLFamily(DiffusersFamily):
     text_components = (
         TextComponent("text_encoder", "tokenizer", "CLIPTextModel", "clip_l"),
         TextComponent("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g"),
+    )
+    export_readme_note = (
+        "`timesteps` are the training anchors; `guidance_scale=0` switches CFG off. The scheduler is an "
+        "`EulerDiscreteScheduler` with the teacher's betas, which on ε-predictions is the DDIM move of the "
+        "SenseFlow Euler sampler."
     )
 
     def __init__(
@@ -96,6 +102,33 @@ class SDXLFamily(DiffusersFamily):
     def latent_multiple(cls, denoiser_config: Mapping[str, Any]) -> int:
         """Each UNet level after the first halves the latent: 2^(levels − 1)."""
         return 2 ** (len(denoiser_config.get("block_out_channels", (0,))) - 1)
+
+    @classmethod
+    def pixel_multiple(cls, vae_config: Mapping[str, Any], denoiser_config: Mapping[str, Any]) -> int:
+        """The VAE factor alone: inference leaves odd latent sizes to the UNet, which pads them itself (diffusers'
+        ``forward_upsample_size``)."""
+        return vae_factor(vae_config)
+
+    @classmethod
+    def size_kwargs(cls, height: int, width: int) -> dict[str, Any]:
+        """The micro-conditioning target size is the generation size."""
+        return {"resolution": (height, width)}
+
+    # ---- export --------------------------------------------------------------------------------------------
+    @classmethod
+    def export_scheduler_config(cls, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
+        """An ``EulerDiscreteScheduler`` with the teacher's β; ``timestep_spacing="leading"`` so that the initial
+        latent is ε itself, as in training. Euler in σ-space on ε-predictions is the DDIM move of our sampler."""
+        keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        cfg = {k: teacher_config[k] for k in keep if k in teacher_config}
+        cfg.update(_class_name=cls.scheduler_class_name, prediction_type="epsilon", interpolation_type="linear",
+                   timestep_spacing="leading", steps_offset=1, use_karras_sigmas=False, final_sigmas_type="zero")
+        return cfg
+
+    @classmethod
+    def export_pipeline_kwargs(cls, steps: int) -> dict[str, Any]:
+        """``timesteps`` = our anchors (999, 749, 499, 249 for 4 steps), CFG off."""
+        return {"timesteps": anchor_indices(steps), "guidance_scale": 0.0}
 
     def block_types(self) -> tuple[type, ...]:
         from diffusers.models.unets.unet_2d_blocks import (
