@@ -8,14 +8,15 @@ Input: (B, 3, R, R) pixels in [−1, 1] (R = ``resolution``, 32 by default). Arc
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from senseflow.metric_files import metric_model_metadata, read_metric_model, save_metric_model
 
 __all__ = [
     "ClassifierConfig",
@@ -144,32 +145,14 @@ def accuracy(model: DigitClassifier, images: Tensor, labels: Tensor) -> float:
 
 def save_classifier(model: DigitClassifier, path: str | Path, extra: dict | None = None) -> Path:
     """One safetensors file; metadata ``config`` (JSON of :class:`ClassifierConfig`) plus ``extra`` entries."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": _FORMAT, "config": json.dumps(asdict(model.config))}
-    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
-    return path
+    return save_metric_model(model, model.config, path, _FORMAT, extra)
 
 
 def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     """Load a classifier written by :func:`save_classifier` (default: the shipped one), in eval mode."""
-    from safetensors import safe_open
-
     path = Path(path) if path is not None else default_classifier_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: expected a digits classifier safetensors file "
-            "(train one with: python tools/train_digits_teacher.py --classifier-out PATH)"
-        )
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != _FORMAT or "config" not in meta:
-            raise ValueError(f"{path}: metadata lacks format={_FORMAT!r} and a 'config' entry; not a digits classifier")
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = json.loads(meta["config"])
+    state, cfg = read_metric_model(path, _FORMAT, "digits classifier",
+                                   "python tools/train_digits_teacher.py --classifier-out PATH")
     cfg["channels"] = tuple(cfg["channels"])
     model = DigitClassifier(ClassifierConfig(**cfg))
     model.load_state_dict(state, strict=True)
@@ -178,8 +161,4 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
 
 def classifier_metadata(path: str | Path | None = None) -> dict:
     """The JSON-decoded metadata of a saved classifier (config, held-out accuracy, ...)."""
-    from safetensors import safe_open
-
-    path = Path(path) if path is not None else default_classifier_path()
-    with safe_open(str(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "format"}
+    return metric_model_metadata(Path(path) if path is not None else default_classifier_path())

@@ -40,9 +40,8 @@ FD = ‖μ₁ − μ₂‖² + tr(Σ₁) + tr(Σ₂) − 2·tr((Σ₁Σ₂)^{1/2
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, Union
 
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from senseflow.digits.metrics import frechet_distance  # the project's one Fréchet distance
+from senseflow.metric_files import metric_model_metadata, read_metric_model, save_metric_model
 from senseflow.shapes.scenes import (
     HELDOUT_STREAM,
     TRAIN_STREAM,
@@ -349,32 +349,13 @@ def train_reader(
 # ---- save / load ------------------------------------------------------------------------------------------------
 def save_reader(model: ShapesReader, path: str | Path, extra: dict | None = None) -> Path:
     """One safetensors file; metadata ``config`` (JSON of :class:`ReaderConfig`) plus ``extra`` entries (JSON)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": _FORMAT, "config": json.dumps(asdict(model.config))}
-    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
-    return path
+    return save_metric_model(model, model.config, path, _FORMAT, extra)
 
 
 def load_reader(path: str | Path | None = None) -> ShapesReader:
     """Load a reader written by :func:`save_reader` (default: the shipped one), in eval mode."""
-    from safetensors import safe_open
-
     path = Path(path) if path is not None else default_reader_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: expected a shapes reader safetensors file "
-            "(train one with: python tools/train_shapes_reader.py --out PATH)"
-        )
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != _FORMAT or "config" not in meta:
-            raise ValueError(f"{path}: metadata lacks format={_FORMAT!r} and a 'config' entry; not a shapes reader")
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = json.loads(meta["config"])
+    state, cfg = read_metric_model(path, _FORMAT, "shapes reader", "python tools/train_shapes_reader.py --out PATH")
     for k in ("channels", "colours", "shapes"):
         cfg[k] = tuple(cfg[k])
     model = ShapesReader(ReaderConfig(**cfg))
@@ -384,11 +365,7 @@ def load_reader(path: str | Path | None = None) -> ShapesReader:
 
 def reader_metadata(path: str | Path | None = None) -> dict:
     """The JSON-decoded metadata of a saved reader (config, held-out accuracy, ...)."""
-    from safetensors import safe_open
-
-    path = Path(path) if path is not None else default_reader_path()
-    with safe_open(str(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "format"}
+    return metric_model_metadata(Path(path) if path is not None else default_reader_path())
 
 
 _default_reader: ShapesReader | None = None
