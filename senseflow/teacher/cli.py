@@ -49,6 +49,14 @@ def main_teacher(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = [f"family={args.family}", *args.overrides]
     overrides += [f"{k}={v}" for k, v in (("resolution", args.resolution), ("seed", args.seed)) if v is not None]
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r}: expected a torch device such as cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: this torch has no CUDA device available; use --device cpu")
     config = args.config or default_config_path(args.family)
     cfg = load_teacher_config(config, overrides)
     train_teacher(cfg, args.data, args.out, device=args.device, progress=not args.no_progress)

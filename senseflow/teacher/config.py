@@ -202,6 +202,20 @@ def validate(cfg: TeacherTrainConfig, label: str) -> None:
     need(0 < g.scale_min <= g.scale_max, "guidance_distillation.scale_max", "≥ scale_min > 0")
     need(g.steps == 0 or cfg.family == "flux", "guidance_distillation.steps",
          "0: only FLUX teachers carry a guidance embedding")
+    ts = d.timesteps
+    need(0 <= ts.low <= ts.high <= int(cfg.scheduler.get("num_train_timesteps", 1000)) - 1,
+         "denoiser_training.timesteps.high", "low ≤ high < scheduler.num_train_timesteps")
+    need(ts.std > 0, "denoiser_training.timesteps.std", "a positive standard deviation")
+    need(g.eval_samples > 0, "guidance_distillation.eval_samples", "a positive number of draws")
+    need(cfg.vae_training.kl_weight >= 0, "vae_training.kl_weight", "≥ 0")
+    need(cfg.seed >= 0, "seed", "≥ 0")
+    tok = cfg.tokenizers
+    need(tok.clip_vocab_size > 0 and tok.t5_vocab_size > 0, "tokenizers.clip_vocab_size", "positive vocabulary sizes")
+    need(0 < tok.clip_max_length <= 77, "tokenizers.clip_max_length", "1..77 (the pipelines' CLIP length)")
+    need(0 < tok.t5_max_length <= 512, "tokenizers.t5_max_length", "1..512 (the pipelines' T5 limit)")
+    if cfg.family == "sdxl":
+        need(cfg.scheduler.get("prediction_type", "epsilon") == "epsilon", "scheduler.prediction_type",
+             "epsilon (the SDXL family trains and distils ε-prediction)")
     need(cfg.sample.steps > 0, "sample.steps", "a positive number of steps")
     need(cfg.sample.num_prompts > 0 and cfg.sample.images_per_prompt > 0, "sample.num_prompts", "positive counts")
 
@@ -229,13 +243,32 @@ def validate(cfg: TeacherTrainConfig, label: str) -> None:
                           f"downscales {vae_factor}× and the {fam.denoiser_class_name} needs latent sides divisible "
                           f"by {multiple // vae_factor})")
     try:
-        fam.denoiser_widths(cfg.text_encoders, int(cfg.vae.get("latent_channels", 4)), cfg.resolution // vae_factor,
-                            cfg.denoiser)
+        derived = fam.denoiser_widths(cfg.text_encoders, int(cfg.vae.get("latent_channels", 4)),
+                                      cfg.resolution // vae_factor, cfg.denoiser)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"{label}: {e}") from None
+    # keys the builder sets itself: from the tokenizers, the resolution, the VAE measurement or the other components
+    set_by_builder = {
+        **{f"text_encoders.{n}.{k}": "the tokenizer" for n in cfg.text_encoders for k in _TOKENIZER_KEYS},
+        **{f"vae.{k}": "the VAE's depth, the resolution or the latent measurement" for k in _VAE_BUILDER_KEYS},
+        **{f"denoiser.{k}": "the other components' widths" for k in derived},
+    }
+    for section, values in (("text_encoders", cfg.text_encoders), ("vae", cfg.vae), ("denoiser", cfg.denoiser)):
+        keys = [f"{section}.{n}.{k}" for n, v in values.items() for k in v] if section == "text_encoders" \
+            else [f"{section}.{k}" for k in values]
+        for key in keys:
+            if key in set_by_builder:
+                raise ConfigError(f"{label}: {key} is not a setting: it is derived from {set_by_builder[key]}")
+
+
+#: text-encoder config entries the builder takes from the trained tokenizer
+_TOKENIZER_KEYS = ("vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+                   "decoder_start_token_id")
+#: AutoencoderKL arguments the builder sets (block types from the depth, size, normalisation measured after training)
+_VAE_BUILDER_KEYS = ("down_block_types", "up_block_types", "sample_size", "scaling_factor", "shift_factor")
 
 
 def _value(cfg: Any, key: str) -> Any:
     for part in key.split("."):
-        cfg = getattr(cfg, part)
+        cfg = cfg.get(part) if isinstance(cfg, dict) else getattr(cfg, part)
     return cfg

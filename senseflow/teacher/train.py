@@ -5,7 +5,8 @@ Stages (each a resumable loop; every random draw comes from one CPU ``torch.Gene
 
 1. **VAE** ``AutoencoderKL``: minimise mean‖D(μ + σ_q·ε) − x‖² + β·KL(N(μ, σ_q²) ‖ N(0, I)). Then
    ``shift_factor`` = mean(z) and ``scaling_factor`` = 1/std(z) over one posterior sample per image, so that the
-   diffusion latents x₀ = (z − shift)·scale have zero mean and unit variance.
+   diffusion latents x₀ = (z − shift)·scale have zero mean and unit variance; for a family whose pipeline decodes
+   without a shift (SDXL) no shift and ``scaling_factor`` = 1/√E[z²] (unit second moment).
 2. **Denoiser and text encoders**, jointly, with the family's own objective and schedule (docs/method.md §1.1):
    x_τ = add_noise(x₀, ε, τ), target = ε (SDXL, DDPM ε-prediction, τ = t uniform on {low..high}) or v = ε − x₀
    (SD3 with its static shift, FLUX with its dynamic shift, σ logit-normal through the shift); loss =
@@ -191,6 +192,8 @@ def _family(cfg: TeacherTrainConfig, out: Path, device: torch.device):
 def _train_vae(cfg: TeacherTrainConfig, out: Path, data: CaptionedImages, device: torch.device, progress: bool) -> dict:
     from diffusers import AutoencoderKL
 
+    from senseflow.models.families import get_family
+
     t = cfg.vae_training
     vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).to(device).train()
     stage = Stage("vae", out / STATE_DIR, nn.ModuleDict({"vae": vae}), t.steps, t.lr, t.warmup_steps,
@@ -213,7 +216,10 @@ def _train_vae(cfg: TeacherTrainConfig, out: Path, data: CaptionedImages, device
             post = vae.encode(pixels[i:i + 256].to(device)).latent_dist
             zs.append((post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)).double().cpu())
         z = torch.cat(zs)
-    shift, scale = float(z.mean()), float(1.0 / z.std())
+    if get_family(cfg.family).vae_uses_shift:
+        shift, scale = float(z.mean()), float(1.0 / z.std())
+    else:  # the pipeline ignores a shift: no shift, and unit second moment E[x₀²] = 1
+        shift, scale = None, float(1.0 / z.pow(2).mean().sqrt())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     return {"curve": stage.curve(cfg.log_every), "seconds": stage.seconds,
@@ -397,6 +403,10 @@ def train_teacher(cfg: TeacherTrainConfig, data_path: str | Path, out: str | Pat
         _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(OmegaConf.to_yaml(_settings(cfg, data_path))))
     progress_file = out / STATE_DIR / "progress.json"
     done: dict[str, Any] = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+    started_on = done.get("init", {}).get("data", {}).get("fingerprint")
+    if started_on is not None and started_on != data.fingerprint:
+        raise ConfigError(f"--data {data_path}: its images or captions changed since {out} was started "
+                          f"(sha256 {started_on[:12]}… then, {data.fingerprint[:12]}… now); use a new --out")
     if "init" not in done:
         build_pipeline(cfg, data.captions).save_pretrained(out, safe_serialization=True)
         done["init"] = {"data": {"fingerprint": data.fingerprint, "records": len(data)}}
@@ -426,9 +436,10 @@ def train_teacher(cfg: TeacherTrainConfig, data_path: str | Path, out: str | Pat
         "params": {name: sum(p.numel() for p in module.parameters())
                    for name, module in (("vae", family.vae), ("denoiser", family.load_denoiser()),
                                         *((c.encoder, family.text[c.encoder]) for c in family.text_components))},
-        "generation": {"height": cfg.resolution, "width": cfg.resolution, "max_sequence_length":
-                       cfg.tokenizers.t5_max_length, "num_inference_steps": cfg.sample.steps,
-                       "guidance_scale": cfg.sample.guidance_scale},
+        "generation": {"height": cfg.resolution, "width": cfg.resolution,
+                       "max_sequence_length": cfg.tokenizers.t5_max_length,
+                       "clip_max_length": cfg.tokenizers.clip_max_length,
+                       "num_inference_steps": cfg.sample.steps, "guidance_scale": cfg.sample.guidance_scale},
         "samples": {"file": SAMPLES, "prompts": prompts, "seed": cfg.sample.seed},
     }
     if "guidance" in done:

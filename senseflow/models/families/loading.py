@@ -148,6 +148,8 @@ class DiffusersFamily(TeacherFamily):
     #: the stock diffusers pipeline and scheduler classes of the family
     pipeline_class_name: str
     scheduler_class_name: str
+    #: whether the family's pipeline decodes with the VAE's ``shift_factor`` (z = x/scale + shift); SDXL's does not
+    vae_uses_shift: bool = True
     #: name of the denoiser's diffusers class (resolved at construction, so importing a family stays cheap)
     denoiser_class_name: str
     #: T5 token length when the family has a T5 encoder (SD3.5: 77, FLUX.1-dev: 512; §12), else None

@@ -52,6 +52,7 @@ class SDXLFamily(DiffusersFamily):
     denoiser_subfolder = "unet"
     denoiser_class_name = "UNet2DConditionModel"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    vae_uses_shift = False   # the SDXL pipeline decodes z = x / scaling_factor
     scheduler_class_name = "EulerDiscreteScheduler"
     text_components = (
         TextComponent("text_encoder", "tokenizer", "CLIPTextModel", "clip_l"),
