@@ -47,3 +47,14 @@ def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from senseflow.tiny import build_tiny_discriminator_backbones
 
     return build_tiny_discriminator_backbones(tmp_path_factory.mktemp("tiny_backbones") / "backbones", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: several times faster than two on a shared 2-core machine; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,14 +29,7 @@ from senseflow.digits.data import (
 from senseflow.digits.metrics import fd_between, feature_stats, frechet_distance, prompt_accuracy
 from senseflow.digits.teacher import default_teacher_path, generate_digits, load_teacher, teacher_record
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: several times faster than two on a shared 2-core machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
