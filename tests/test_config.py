@@ -95,7 +95,7 @@ COMMON = {
     "method.isg.loss": "pseudo_huber",
     "method.isg.sdxl_mode": "intended",
     "method.isg.last_segment_end": "zero",
-    "method.gan.time_weight": "paper",
+    "method.gan.time_weight": "reference",   # the released checkpoints' weights (docs/method.md decision 3)
     "discriminator.hooks": [2, 5, 8, 10, 14, 19, 23],
     "discriminator.cmap_dim": 64,
     "discriminator.downsample": 3,

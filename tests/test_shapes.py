@@ -172,6 +172,21 @@ def test_json_export_is_the_digits_format_with_relative_pngs_and_scenes_json_and
     assert report.usable and report.checked == 12 and not report.issues
 
 
+
+def test_data_shapes_command_writes_the_same_export_and_refuses_a_used_folder(tmp_path, capsys):
+    from senseflow.data.cli import main_data
+
+    assert main_data(["shapes", "--out", str(tmp_path / "cmd"), "--num-scenes", "5", "--seed", "1"]) == 0
+    export_json_dataset(tmp_path / "api", ShapesConfig(num_scenes=5, seed=1))
+    for name in ("dataset.json", "scenes.json", "images/00000004.png"):
+        assert (tmp_path / "cmd" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()
+    before = (tmp_path / "cmd" / "dataset.json").read_bytes()
+    assert main_data(["shapes", "--out", str(tmp_path / "cmd"), "--num-scenes", "3"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert (tmp_path / "cmd" / "dataset.json").read_bytes() == before      # the refused run wrote nothing
+    assert main_data(["shapes", "--out", str(tmp_path / "held"), "--num-scenes", "2", "--heldout"]) == 0
+    assert json.loads((tmp_path / "held" / "scenes.json").read_text())["stream"] == HELDOUT_STREAM
+
 # ---- compositional accuracy -------------------------------------------------------------------------------------
 _SWAP = {
     "left": "right",

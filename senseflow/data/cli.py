@@ -1,7 +1,8 @@
-"""``senseflow data ...``: build a latent LMDB from images, check a data set.
+"""``senseflow data ...``: build a latent LMDB from images, check a data set, write the shapes benchmark's scenes.
 
     senseflow data build-lmdb --images set.json --vae /models/sdxl --out latents_lmdb --resolution 1024 --batch-size 8
     senseflow data check set.jsonl --resolution 1024
+    senseflow data shapes --out shapes_data --num-scenes 20000
 
 Exit codes: 0 success (or a usable set), 2 bad input / unusable set / refusal to overwrite, 130 interrupted.
 """
@@ -46,7 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-aspect", type=float, default=4.0, help="warn beyond this aspect ratio")
     c.add_argument("--vae-scale-factor", type=int, default=8, help="pixels per latent cell (LMDB shape check)")
     c.add_argument("--max-listed", type=int, default=20, help="issues printed in full")
+
+    s = sub.add_parser("shapes", help="write the shapes benchmark's seeded scenes as a JSON image-caption set")
+    s.add_argument("--out", required=True, help="folder to create: dataset.json, images/, scenes.json (ground truth)")
+    s.add_argument("--num-scenes", type=int, default=None, help="default: senseflow.shapes.ShapesConfig's")
+    s.add_argument("--seed", type=int, default=None, help="scene seed (default: ShapesConfig's)")
+    s.add_argument("--heldout", action="store_true", help="the held-out scene stream instead of the training one")
     return parser
+
+
+def _shapes(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from senseflow.shapes import HELDOUT_STREAM, TRAIN_STREAM, ShapesConfig, export_json_dataset
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out}: exists and is not an empty folder (nothing written)")
+    config = ShapesConfig()
+    if args.num_scenes is not None:
+        if args.num_scenes < 1:
+            raise ValueError(f"--num-scenes must be >= 1, got {args.num_scenes}")
+        config = replace(config, num_scenes=args.num_scenes)
+    if args.seed is not None:
+        config = replace(config, seed=args.seed)
+    path = export_json_dataset(out, config, stream=HELDOUT_STREAM if args.heldout else TRAIN_STREAM)
+    stream = "held-out" if args.heldout else "training"
+    print(f"{path}: {config.num_scenes} scenes ({stream} stream, seed {config.seed})")
+    return 0
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -87,7 +116,7 @@ def main_data(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _build(args) if args.command == "build-lmdb" else _check(args)
+        return {"build-lmdb": _build, "check": _check, "shapes": _shapes}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
