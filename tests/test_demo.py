@@ -34,7 +34,7 @@ def test_demo_fast_mode_writes_grids_and_metrics(tmp_path: Path) -> None:
     names = [r["name"] for r in data["results"]]
     assert names == ["teacher 28-step Euler + CFG", "teacher 4-step Euler + CFG", "teacher 2-step Euler + CFG",
                      "SenseFlow student 4-step", "SenseFlow student 4-step (Euler)"]
-    assert all(0.0 <= r["prompt_accuracy"] <= 1.0 for r in data["results"])
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in data["results"])
     assert [r["nfe"] for r in data["results"]] == [56, 8, 4, 4, 4]
     assert (out / "run" / "metrics.jsonl").is_file()  # the trainer really ran
     assert "| SenseFlow student 4-step |" in (out / "metrics.md").read_text()

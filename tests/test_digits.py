@@ -202,10 +202,10 @@ def test_load_teacher_names_the_missing_folder(tmp_path):
 def test_the_two_student_samplers_of_the_evaluator():
     """"Ours" re-noises x̂₀ with fresh noise at each anchor; "Ours (Euler)" is the deterministic 4-step ODE of the
     same velocity field: with the teacher itself as an (unguided) student it equals the teacher's 4-step Euler."""
-    from senseflow.digits.benchmark import EvalSpec, Evaluator
+    from senseflow.benchmark import DigitsSuite, EvalSpec, Evaluator
     from senseflow.method.sampling import sample_euler
 
-    ev = Evaluator(default_teacher_path(), EvalSpec(per_digit=1, batch_size=10))
+    ev = Evaluator(default_teacher_path(), DigitsSuite(per_digit=1), EvalSpec(batch_size=10))
     student = ev.family.build_student(ev.teacher).eval()
     euler, _ = ev.student_images(student, "euler")
     expected = sample_euler(ev.family, ev.teacher, ev.cond, ev.anchors(4), latents=ev.noise)
@@ -217,7 +217,7 @@ def test_the_two_student_samplers_of_the_evaluator():
 
 
 def test_the_evaluation_cfg_scale_comes_from_the_teacher_record(tmp_path):
-    from senseflow.digits.benchmark import recorded_guidance
+    from senseflow.benchmark import recorded_guidance
 
     assert recorded_guidance(default_teacher_path()) == teacher_record()["evaluation"]["settings"]["guidance_scale"]
     (tmp_path / "senseflow_digits_teacher.json").write_text(json.dumps({"config": {}}))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from senseflow.digits.benchmark import EvalSpec, Evaluator
+from senseflow.benchmark import DigitsSuite, EvalSpec, Evaluator
 from senseflow.digits.teacher import default_teacher_path
 from senseflow.method.sampling import sample_euler
 
@@ -25,7 +25,7 @@ from digits_diagnosis import (
 
 @pytest.fixture(scope="module")
 def ev() -> Evaluator:
-    return Evaluator(default_teacher_path(), EvalSpec(per_digit=1, batch_size=10))
+    return Evaluator(default_teacher_path(), DigitsSuite(per_digit=1), EvalSpec(batch_size=10))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from digits_diagnosis import diagnosis_markdown, guided_regression, handover_fdt, velocity_errors  # tools/, this folder
 
-from senseflow.digits.benchmark import EvalSpec, Evaluator
+from senseflow.benchmark import DigitsSuite, EvalSpec, Evaluator
 from senseflow.digits.teacher import default_teacher_path
 
 #: σ of the velocity table: the SD3.5 anchors (1, .9, .75, .5), ISG mid-points between them and below the last one
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--student {student_path}: no such file or folder")
     torch.set_num_threads(1)
     teacher = Path(args.teacher) if args.teacher else default_teacher_path()
-    ev = Evaluator(teacher, EvalSpec(per_digit=args.per_digit, teacher_guidance=args.teacher_guidance))
+    ev = Evaluator(teacher, DigitsSuite(per_digit=args.per_digit), EvalSpec(teacher_guidance=args.teacher_guidance))
     report: dict = {"per_digit": args.per_digit, "teacher_guidance": ev.spec.teacher_guidance}
     if student_path is not None:
         student = ev.load_student(student_path)

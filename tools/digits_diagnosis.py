@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from senseflow.digits.benchmark import Evaluator
+from senseflow.benchmark import Evaluator
 
 __all__ = ["VelocityError", "handover_sample", "handover_fdt", "velocity_errors", "guided_regression",
            "diagnosis_markdown"]
@@ -97,7 +97,7 @@ def velocity_errors(ev: Evaluator, student: nn.Module, sigmas: Sequence[float], 
     if trajectory_steps < 1:
         raise ValueError(f"trajectory_steps must be ≥ 1, got {trajectory_steps}")
     fam, sch, s = ev.family, ev.schedule, ev.spec.teacher_guidance
-    n = len(ev.digits) if batch is None else min(int(batch), len(ev.digits))
+    n = len(ev.prompts) if batch is None else min(int(batch), len(ev.prompts))
     cond, x = ev.cond.index(slice(0, n)), ev.noise[:n].clone()
     grid = ev.anchors(trajectory_steps)
     wanted = {int(torch.argmin((grid - float(sig)).abs())) for sig in sigmas}
@@ -118,7 +118,7 @@ def guided_regression(ev: Evaluator, steps: int, lr: float, batch_size: int, see
                       eval_at: Sequence[int] = (), max_grad_norm: float = 1.0,
                       weight_decay: float = 0.0) -> tuple[nn.Module, list[tuple[int, float]]]:
     """The supervised bound of the module docstring: returns G after ``steps`` steps and [(step, FD-T of its Euler
-    sampler)] at each step in ``eval_at``. Prompts use the evaluator's template; noise comes from ``seed``."""
+    sampler)] at each step in ``eval_at``. Prompts use the evaluator's suite's template; noise comes from ``seed``."""
     from senseflow.digits.data import caption
     from senseflow.digits.metrics import fd_between
 
@@ -130,7 +130,7 @@ def guided_regression(ev: Evaluator, steps: int, lr: float, batch_size: int, see
     anchors = ev.anchors(ev.spec.student_steps)
     student = fam.build_student(ev.teacher).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
-    prompts = fam.encode_prompts([caption(d, ev.spec.template) for d in range(10)])
+    prompts = fam.encode_prompts([caption(d, ev.suite.template) for d in range(10)])
     gen = torch.Generator().manual_seed(int(seed))
     shape = (batch_size, *ev.noise.shape[1:])
     curve, scored = [], set(eval_at)

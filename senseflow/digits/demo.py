@@ -10,7 +10,7 @@ Steps (every path under ``--out``):
    (``senseflow teacher train``, ``configs/digits/<trainer>.yaml``);
 4. ``student_grid.png`` / ``teacher_grid.png`` / ``grids.png`` — rows = digits 0..9, columns = seeds;
 5. ``metrics.md`` / ``metrics.json`` — prompt accuracy, FD to real digits and FD-T (see
-   :mod:`senseflow.digits.benchmark`) for the teacher 28-step, teacher 4- and 2-step Euler (2 steps = the
+   :mod:`senseflow.benchmark.evaluator`) for the teacher 28-step, teacher 4- and 2-step Euler (2 steps = the
    student's 4 NFE) and student 4-step samplers.
 """
 from __future__ import annotations
@@ -121,26 +121,27 @@ def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, column
     "Ours")."""
     from PIL import Image
 
-    from senseflow.digits.benchmark import EvalSpec, Evaluator, classifier_heldout_accuracy, image_grid, write_results
+    from senseflow.benchmark import DigitsSuite, EvalSpec, Evaluator, write_results
 
-    ev = Evaluator(teacher, EvalSpec(per_digit=per_digit, seed=seed, teacher_guidance=teacher_guidance))
+    suite = DigitsSuite(per_digit=per_digit, grid_columns=min(columns, per_digit))
+    ev = Evaluator(teacher, suite, EvalSpec(seed=seed, teacher_guidance=teacher_guidance))
     r28, im28 = ev.evaluate_teacher(ev.spec.teacher_steps)
     baselines = [ev.evaluate_teacher(n)[0] for n in ev.spec.teacher_baselines]
     rs, ims = ev.evaluate_student(student, f"{label} student 4-step")
     re, _ = ev.evaluate_student(student, f"{label} student 4-step (Euler)", sampler="euler")
-    cols = min(columns, per_digit)
-    g_s = image_grid(ims, ev.digits, cols)
-    g_t = image_grid(im28, ev.digits, cols)
+    g_s = suite.grid(ims)
+    g_t = suite.grid(im28)
     g_s.save(out / "student_grid.png")
     g_t.save(out / "teacher_grid.png")
     both = Image.new("RGB", (g_s.width + g_t.width + 8, g_s.height), "white")
     both.paste(g_s, (0, 0))
     both.paste(g_t, (g_s.width + 8, 0))
     both.save(out / "grids.png")
+    heldout = suite.heldout_accuracy()
     meta = dict(meta or {}, per_digit=per_digit, seed=seed, teacher=str(teacher), student=str(student),
-                teacher_guidance=ev.spec.teacher_guidance,
-                classifier_heldout_accuracy=classifier_heldout_accuracy())
-    write_results(out, [r28, *baselines, rs, re], meta)
+                teacher_guidance=ev.spec.teacher_guidance, classifier_heldout_accuracy=heldout)
+    write_results(out, [r28, *baselines, rs, re], meta, accuracy_name=suite.accuracy_name,
+                  note=suite.heldout_note(heldout))
     return meta
 
 
