@@ -159,3 +159,18 @@ def test_shapes_benchmark_runs_the_shapes_configs_and_writes_table_plot_and_grid
     assert (out / "fdt_curve.png").stat().st_size > 0
     for grid in ("dmd2", "senseflow", "teacher_8step", "teacher_2step", "side_by_side"):
         assert (out / "grids" / f"{grid}.png").is_file(), grid
+
+
+def test_the_table_compares_each_student_with_the_teachers_sampler_at_equal_and_at_twice_the_cost():
+    from senseflow.benchmark.report import MethodResult, results_markdown
+
+    rows = [MethodResult("teacher 28-step Euler + CFG", 1.0, 10.0, 3.0, 56, 0.1, {"teacher_steps": 28}),
+            MethodResult("teacher 4-step Euler + CFG", 0.9, 20.0, 15.0, 8, 0.01, {"teacher_steps": 4}),
+            MethodResult("teacher 2-step Euler + CFG", 0.5, 40.0, 40.0, 4, 0.01, {"teacher_steps": 2}),
+            MethodResult("SenseFlow", 0.95, 15.0, 12.0, 4, 0.01, {"seed": 0}),
+            MethodResult("DMD2", 0.9, 30.0, 30.0, 4, 0.01, {"seed": 0})]
+    table = results_markdown(rows, "compositional accuracy")
+    assert ("- SenseFlow: FD-T 12.0, better than teacher 2-step Euler + CFG (same cost: 40.0); better than "
+            "teacher 4-step Euler + CFG (twice the cost: 15.0)") in table
+    assert ("- DMD2: FD-T 30.0, better than teacher 2-step Euler + CFG (same cost: 40.0); not better than "
+            "teacher 4-step Euler + CFG (twice the cost: 15.0)") in table

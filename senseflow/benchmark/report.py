@@ -12,7 +12,8 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
-__all__ = ["MethodResult", "results_markdown", "write_results", "plot_curves", "image_grid", "comparison_grid"]
+__all__ = ["MethodResult", "results_markdown", "cost_comparison", "write_results", "plot_curves", "image_grid",
+           "comparison_grid"]
 
 
 @dataclass
@@ -40,9 +41,30 @@ def results_markdown(results: Sequence[MethodResult], accuracy_name: str = "prom
         fdt = "—" if r.fd_teacher is None else f"{r.fd_teacher:.1f}"
         lines.append(f"| {r.name} | {100 * r.accuracy:.1f}% | {r.fd_real:.1f} | {fdt} | {r.nfe} | "
                      f"{1000 * r.seconds_per_image:.2f} |")
+    lines += cost_comparison(results)
     if note:
         lines.append(f"\n{note}")
     return "\n".join(lines) + "\n"
+
+
+def cost_comparison(results: Sequence[MethodResult]) -> list[str]:
+    """Each student row (``extra["seed"]`` set) against the teacher rows (``extra["teacher_steps"]`` set): at equal
+    cost (the teacher row of the same NFE, with CFG 2 per step) and at the student's own step count (twice its NFE).
+    FD-T lower is better; the lines say which side each comparison falls on."""
+    teachers = {r.nfe: r for r in results if "teacher_steps" in r.extra and r.fd_teacher is not None}
+    lines = []
+    for r in results:
+        if "seed" not in r.extra or r.fd_teacher is None:
+            continue
+        parts = []
+        for nfe, label in ((r.nfe, "same cost"), (2 * r.nfe, "twice the cost")):
+            t = teachers.get(nfe)
+            if t is not None:
+                side = "better" if r.fd_teacher < t.fd_teacher else "not better"
+                parts.append(f"{side} than {t.name} ({label}: {t.fd_teacher:.1f})")
+        if parts:
+            lines.append(f"- {r.name}: FD-T {r.fd_teacher:.1f}, " + "; ".join(parts))
+    return ["", "Against the teacher's own few-step sampler (FD-T):", *lines] if lines else []
 
 
 def write_results(out_dir: str | Path, results: Sequence[MethodResult], meta: dict, stem: str = "metrics",

@@ -110,6 +110,7 @@ def run_benchmark(settings: BenchmarkSettings, out: Path, command: str, methods:
     hlines: dict[str, float] = {}
     for steps in settings.teacher_steps:
         r, im = ev.evaluate_teacher(steps)
+        r.extra["teacher_steps"] = steps
         results.append(r)
         suite.grid(im).save(grids / f"teacher_{steps}step.png")
         if steps == ev.spec.teacher_steps:
