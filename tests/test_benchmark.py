@@ -88,7 +88,8 @@ def test_both_suite_yamls_load_with_their_methods_and_seeds():
     digits = load_settings("digits")
     assert digits.suite_kind == "digits" and digits.teacher == repo_root() / "senseflow/assets/digits_teacher"
     assert digits.teacher_steps == [28, 4, 2] and digits.eval_spec().teacher_baselines == (4, 2)
-    assert "SenseFlow GAN weight paper" in digits.methods and "SenseFlow GAN weight reference" in digits.methods
+    assert digits.methods["SenseFlow GAN weight paper"].overrides == ["method.gan.time_weight=paper"]
+    assert digits.methods["SenseFlow (IDA+ISG+GAN)"].overrides == []     # the preset's GAN weight: reference
     shapes = load_settings("shapes", ["train.iterations=8", "train.seeds=[0,1]"])
     assert shapes.iterations == 8 and shapes.teacher == repo_root() / "senseflow/assets/shapes_teacher"
     assert {m.trainer for m in shapes.methods.values()} == {"sdxl_dmd2", "sdxl_senseflow"}
