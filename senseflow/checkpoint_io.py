@@ -28,13 +28,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from senseflow.models.families import FAMILY_NAMES, get_family
+from senseflow.models.families import family_names, get_family
 
 __all__ = [
     "CheckpointMismatchError",
     "StudentSource",
-    "DENOISER_SUBFOLDERS",
-    "DENOISER_CLASSES",
+    "denoiser_subfolders",
+    "denoiser_classes",
     "resolve_student_source",
     "denoiser_class",
     "read_json",
@@ -46,12 +46,19 @@ __all__ = [
     "load_student",
 ]
 
-#: subfolders of a diffusers pipeline folder that may hold the denoiser (the families' ``denoiser_subfolder``), in
-#: search order (sorted: a pipeline folder holds one denoiser, the order only makes the search deterministic)
-DENOISER_SUBFOLDERS: tuple[str, ...] = tuple(sorted({get_family(n).denoiser_subfolder for n in FAMILY_NAMES}))
-#: the diffusers classes a student may be (the families' ``denoiser_class_name``; ``_class_name`` of its config is
-#: checked against this list)
-DENOISER_CLASSES: tuple[str, ...] = tuple(dict.fromkeys(get_family(n).denoiser_class_name for n in FAMILY_NAMES))
+def denoiser_subfolders() -> tuple[str, ...]:
+    """Subfolders of a diffusers pipeline folder that may hold the denoiser (the registered families'
+    ``denoiser_subfolder``), in search order (sorted: a pipeline folder holds one denoiser, the order only makes the
+    search deterministic)."""
+    return tuple(sorted({get_family(n).denoiser_subfolder for n in family_names()}))
+
+
+def denoiser_classes() -> tuple[str, ...]:
+    """The diffusers classes a student may be (the registered families' ``denoiser_class_name``; ``_class_name`` of
+    its config is checked against them)."""
+    return tuple(dict.fromkeys(get_family(n).denoiser_class_name for n in family_names()))
+
+
 #: wrapper prefixes that DDP, torch.compile and FSDP1 add to parameter names
 _WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 #: keys of a ``torch.save``-d dict that may hold the student's state dict, in preference order
@@ -92,7 +99,7 @@ def read_json(path: Path | str) -> dict[str, Any]:
 
 def _model_folder(folder: Path) -> Path | None:
     """The folder holding a diffusers model config + weights: ``folder`` itself or its transformer/ or unet/."""
-    for cand in (folder, *(folder / s for s in DENOISER_SUBFOLDERS)):
+    for cand in (folder, *(folder / s for s in denoiser_subfolders())):
         if (cand / "config.json").is_file() and (
             any(cand.glob("diffusion_pytorch_model*.safetensors")) or any(cand.glob("*.safetensors"))
         ):
@@ -141,9 +148,9 @@ def denoiser_class(config: Mapping[str, Any], fallback: str | None = None) -> ty
     """The diffusers class named by a model config's ``_class_name`` (or ``fallback``), restricted to students."""
     import diffusers
 
-    name = config.get("_class_name") or fallback
-    if name not in DENOISER_CLASSES:
-        raise ValueError(f"model config names class {name!r}; a student must be one of {', '.join(DENOISER_CLASSES)}")
+    name, classes = config.get("_class_name") or fallback, denoiser_classes()
+    if name not in classes:
+        raise ValueError(f"model config names class {name!r}; a student must be one of {', '.join(classes)}")
     return getattr(diffusers, name)
 
 

@@ -47,27 +47,19 @@ from senseflow.checkpoint_io import (
     resolve_student_source,
     student_config,
 )
-from senseflow.inference import PIPELINE_CLASSES, SPECS, UsageError, check_teacher_folder
-from senseflow.models.families import FAMILY_NAMES, get_family
+from senseflow.inference import UsageError, check_teacher_folder
+from senseflow.models.families import family_names, get_family
 from senseflow.quiet import quiet_libraries
 
-__all__ = ["FAMILIES", "PIPELINES", "pipeline_kwargs", "readme_text", "export", "main_export"]
+__all__ = ["pipeline_kwargs", "readme_text", "export", "main_export"]
 
-#: the inference script (spec) that samples each exportable family's student: the first spec of that family
-FAMILIES: dict[str, str] = {
-    name: next(key for key, spec in SPECS.items() if spec.family == name)
-    for name in FAMILY_NAMES
-    if any(spec.family == name for spec in SPECS.values())
-}
-#: the stock pipeline class of each family
-PIPELINES: dict[str, str] = PIPELINE_CLASSES
 _DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _family(family: str) -> Any:
     """The registered family ``family`` (its registry name; aliases are refused as before)."""
-    if family not in FAMILY_NAMES:
-        raise ValueError(f"unknown family {family!r} (expected one of {', '.join(FAMILY_NAMES)})")
+    if family not in family_names():
+        raise ValueError(f"unknown family {family!r} (expected one of {', '.join(family_names())})")
     return get_family(family)
 
 
@@ -167,8 +159,8 @@ def export(
 ) -> Path:
     """Write the exported folder (see the module docstring); returns ``out``. Inputs are checked before any
     weight is read; raises FileExistsError / FileNotFoundError / ValueError."""
-    if family not in FAMILY_NAMES:
-        raise ValueError(f"--family {family!r} is unknown (expected one of: {', '.join(FAMILY_NAMES)})")
+    if family not in family_names():
+        raise ValueError(f"--family {family!r} is unknown (expected one of: {', '.join(family_names())})")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     fam = get_family(family)
@@ -238,7 +230,7 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--teacher", required=True, help="the teacher's local diffusers folder")
     p.add_argument("--checkpoint", required=True,
                    help="student: .pth, .safetensors, a training checkpoint folder (DCP) or a diffusers folder")
-    p.add_argument("--family", required=True, help=f"one of {', '.join(FAMILY_NAMES)}")
+    p.add_argument("--family", required=True, help=f"one of {', '.join(family_names())}")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
     p.add_argument("--steps", type=int, default=4,
                    help="number of sampling steps written into the README call (default 4)")

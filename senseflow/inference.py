@@ -43,12 +43,14 @@ from senseflow.checkpoint_io import (
 )
 from senseflow.imageio import to_pil
 from senseflow.method import rng
-from senseflow.models.families import FAMILY_NAMES, get_family
+from senseflow.models.families import family_names, get_family
 from senseflow.quiet import quiet_libraries
 
 __all__ = [
     "InferenceSpec",
     "SPECS",
+    "get_spec",
+    "pipeline_classes",
     "SAMPLERS",
     "UsageError",
     "build_parser",
@@ -66,9 +68,6 @@ __all__ = [
 SAMPLERS: tuple[str, ...] = ("stochastic", "euler")
 #: the prompts file shipped at the repository root (used when the default name is not in the working directory)
 DEFAULT_PROMPTS = "senseflow_test_prompts.txt"
-#: the stock diffusers pipeline of each family (``_class_name`` of a teacher's model_index.json), read from the
-#: families (``pipeline_class_name``)
-PIPELINE_CLASSES: dict[str, str] = {name: get_family(name).pipeline_class_name for name in FAMILY_NAMES}
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -84,21 +83,26 @@ class UsageError(ValueError):
 class InferenceSpec:
     """What distinguishes one inference script from another; everything else is shared.
 
-    ``teacher_flag`` / ``config_flag`` are the authors' flag names (README: ``--flux_ckpt`` + ``--dit_config``,
-    ``--sdxl_ckpt`` + ``--unet_config``, ``--sd35_ckpt`` + ``--transformer_config``). Every fact about the model
-    (denoiser class and subfolder, student config overrides, checkpoint keys to drop, allowed image sizes) comes
-    from the teacher family (:attr:`family_class`).
+    ``teacher_flag`` / ``config_flag`` default to the family's ``inference_flags`` (the authors' flag names, README:
+    ``--flux_ckpt`` + ``--dit_config``, ``--sdxl_ckpt`` + ``--unet_config``, ``--sd35_ckpt`` +
+    ``--transformer_config``). Every fact about the model (denoiser class and subfolder, student config overrides,
+    checkpoint keys to drop, allowed image sizes) comes from the teacher family (:attr:`family_class`).
     """
 
     family: str
     preset: str
     title: str
-    teacher_flag: str
-    config_flag: str
+    teacher_flag: str | None = None
+    config_flag: str | None = None
     default_sampler: str = "stochastic"
     default_steps: int = 4
     min_steps: int = 4
     max_steps: int = 4
+
+    def __post_init__(self) -> None:
+        teacher_flag, config_flag = self.family_class.inference_flags
+        object.__setattr__(self, "teacher_flag", self.teacher_flag or teacher_flag)
+        object.__setattr__(self, "config_flag", self.config_flag or config_flag)
 
     @property
     def family_class(self) -> Any:
@@ -106,29 +110,28 @@ class InferenceSpec:
         return get_family(self.family)
 
 
-#: one spec per script of the authors' README (§16.1)
+#: one spec per script of the authors' README (§16.1); any other registered family gets :func:`get_spec`'s default
 SPECS: dict[str, InferenceSpec] = {
-    "flux": InferenceSpec(
-        family="flux", preset="flux", title="SenseFlow FLUX.1-dev student", teacher_flag="flux_ckpt",
-        config_flag="dit_config", min_steps=4, max_steps=8,
-    ),
-    "sdxl": InferenceSpec(
-        family="sdxl", preset="sdxl", title="SenseFlow SDXL student", teacher_flag="sdxl_ckpt",
-        config_flag="unet_config",
-    ),
-    "sdxl-dmd2": InferenceSpec(
-        family="sdxl", preset="sdxl", title="DMD2 SDXL student", teacher_flag="sdxl_ckpt",
-        config_flag="unet_config",
-    ),
-    "sd35-medium": InferenceSpec(
-        family="sd3", preset="sd35-medium", title="SenseFlow SD3.5 Medium student", teacher_flag="sd35_ckpt",
-        config_flag="transformer_config",
-    ),
-    "sd35-large": InferenceSpec(
-        family="sd3", preset="sd35-large", title="SenseFlow SD3.5 Large student", teacher_flag="sd35_ckpt",
-        config_flag="transformer_config",
-    ),
+    "flux": InferenceSpec(family="flux", preset="flux", title="SenseFlow FLUX.1-dev student", min_steps=4, max_steps=8),
+    "sdxl": InferenceSpec(family="sdxl", preset="sdxl", title="SenseFlow SDXL student"),
+    "sdxl-dmd2": InferenceSpec(family="sdxl", preset="sdxl", title="DMD2 SDXL student"),
+    "sd35-medium": InferenceSpec(family="sd3", preset="sd35-medium", title="SenseFlow SD3.5 Medium student"),
+    "sd35-large": InferenceSpec(family="sd3", preset="sd35-large", title="SenseFlow SD3.5 Large student"),
 }
+
+
+def get_spec(name: str) -> InferenceSpec:
+    """The spec of a script (:data:`SPECS`), else the default 4-step spec of the registered family ``name``."""
+    if name in SPECS:
+        return SPECS[name]
+    if name in family_names():
+        return InferenceSpec(family=name, preset=name, title=f"SenseFlow {name} student")
+    raise ValueError(f"unknown inference spec {name!r} (expected one of: {', '.join([*SPECS, *family_names()])})")
+
+
+def pipeline_classes() -> dict[str, str]:
+    """The stock diffusers pipeline class of every registered family (``_class_name`` of its model_index.json)."""
+    return {name: get_family(name).pipeline_class_name for name in family_names()}
 
 
 # ---- command line ------------------------------------------------------------------------------------------
@@ -221,11 +224,14 @@ def check_teacher_folder(folder: Path | str, family: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"teacher folder {folder} has no model_index.json (expected a diffusers pipeline folder)"
         )
-    name = index.get("_class_name")
-    other = {p: f for f, p in PIPELINE_CLASSES.items() if f != family}
+    name, own = index.get("_class_name"), get_family(family).pipeline_class_name
+    other: dict[str, str] = {}
+    for f, p in pipeline_classes().items():
+        if p != own:
+            other.setdefault(p, f)
     if name in other:
         raise ValueError(f"teacher folder {folder} holds a {name} ({other[name]}); a {family} teacher is a "
-                         f"{PIPELINE_CLASSES[family]} folder")
+                         f"{own} folder")
     listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None]
     needed = list(dict.fromkeys([*get_family(family).required_subfolders(), *listed]))
     for comp in needed:
@@ -431,7 +437,7 @@ def _fail(prog: str, err: BaseException) -> int:
 
 def main(argv: Sequence[str] | None = None, spec: InferenceSpec | str = "flux", prog: str | None = None) -> int:
     """Run one inference script; returns the exit code (0 success, 2 bad input)."""
-    spec = SPECS[spec] if isinstance(spec, str) else spec
+    spec = get_spec(spec) if isinstance(spec, str) else spec
     prog = prog or Path(sys.argv[0]).name
     parser = build_parser(spec, prog=prog)
     try:

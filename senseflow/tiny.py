@@ -6,7 +6,10 @@ classes with a few thousand random weights each. The stock pipelines load it off
 (``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline``.from_pretrained(folder,
 local_files_only=True)``), and so do the :mod:`senseflow.models.families`.
 
-What is kept from the real checkpoints (the things the method depends on):
+Each family declares its tiny teachers (``tiny_teachers``: kind → :class:`TinyTeacher`, the configs of its
+components) in its own module; this module holds what they share (:data:`TINY_CLIP`, :data:`TINY_VAE`, the
+tokenizers) and the one builder. What the tiny configs keep from the real checkpoints (the things the method
+depends on):
 
 * schedulers: SDXL ``EulerDiscreteScheduler`` with scaled-linear β ∈ [0.00085, 0.012] over 1000 steps
   (SDXL base's own ``scheduler_config.json``); SD3.5 ``FlowMatchEulerDiscreteScheduler(shift=3)``; FLUX.1-dev
@@ -19,7 +22,8 @@ What is kept from the real checkpoints (the things the method depends on):
 Widths deliberately differ between encoders (e.g. CLIP-L 16, CLIP-G 32) so that a concatenation in the wrong
 order or of the wrong tensor fails a shape test. Tokenizers are trained on :data:`CORPUS` by
 :mod:`senseflow.models.tokenizers` (a CLIP-style byte-level BPE and a T5-style Unigram). Every random draw
-happens inside a forked torch RNG seeded from ``seed``, so the same seed gives byte-identical files (weights,
+happens inside a forked torch RNG seeded from ``seed`` (text encoder i: ``seed + i`` in the family's
+``text_components`` order, then the VAE, then the denoiser), so the same seed gives byte-identical files (weights,
 tokenizers and configs) and the caller's global RNG is left untouched.
 """
 from __future__ import annotations
@@ -28,8 +32,9 @@ import argparse
 import contextlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -37,7 +42,11 @@ from senseflow.models.tokenizers import train_clip_tokenizer, train_t5_tokenizer
 
 __all__ = [
     "CORPUS",
-    "TINY_KINDS",
+    "TINY_CLIP",
+    "TINY_VAE",
+    "TINY_T5",
+    "TinyTeacher",
+    "tiny_kinds",
     "build_tiny_teacher",
     "build_tiny_discriminator_backbones",
     "tiny_clip_tokenizer",
@@ -45,8 +54,36 @@ __all__ = [
     "main_tiny",
 ]
 
-#: kinds accepted by :func:`build_tiny_teacher` and the family each one loads with
-TINY_KINDS: dict[str, str] = {"sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3", "flux": "flux"}
+
+@dataclass(frozen=True)
+class TinyTeacher:
+    """The component configs of one tiny teacher: ``text`` maps each of the family's ``TextComponent`` sections
+    (``clip_l``, ``clip_g``, ``t5``) to a ``CLIPTextConfig`` / ``T5Config`` (token ids come from the tokenizers);
+    ``vae``, ``denoiser`` and ``scheduler`` are the arguments of the family's classes."""
+
+    text: Mapping[str, Mapping[str, Any]]
+    vae: Mapping[str, Any]
+    denoiser: Mapping[str, Any]
+    scheduler: Mapping[str, Any]
+
+
+def tiny_kinds() -> dict[str, str]:
+    """Kinds accepted by :func:`build_tiny_teacher` → family name: the ``tiny_teachers`` each registered family
+    declares itself (a subclass does not inherit its base's)."""
+    from senseflow.models.families import family_names, get_family
+
+    kinds: dict[str, str] = {}
+    for name in family_names():
+        for kind in vars(get_family(name)).get("tiny_teachers", {}):
+            kinds.setdefault(kind, name)
+    return kinds
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TINY_KINDS":  # kinds → family, read from the registry when asked (families register at run time)
+        return tiny_kinds()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: the small built-in corpus the tiny tokenizers are trained on
 CORPUS: tuple[str, ...] = (
@@ -84,107 +121,29 @@ CORPUS: tuple[str, ...] = (
     "a bunch of bananas, an apple and 3 oranges",
 )
 
-# ---- component configs (tiny, but with the real classes' relations; see the module docstring) --------------
+# ---- what the families' tiny configs share -------------------------------------------------------------------
 
-_CLIP_COMMON = dict(num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu")
-_VAE_COMMON = dict(
+#: every tiny CLIP text encoder: 2 layers, 77 positions
+TINY_CLIP = dict(num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu")
+#: every tiny VAE: 4 levels (8× downscaling like the real VAEs); families add latent channels and normalisation
+TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 16, 32),  # 4 levels: 8x downscaling like the real VAEs
+    block_out_channels=(8, 16, 16, 32),
     layers_per_block=1,
     norm_num_groups=8,
     sample_size=128,
 )
-#: SDXL VAE: 4 latent channels, z·0.13025, with quant convs
-VAE_SDXL = dict(_VAE_COMMON, latent_channels=4, scaling_factor=0.13025)
-#: SD3.5 VAE: 16 latent channels, (z − 0.0609)·1.5305, no quant convs
-VAE_SD3 = dict(_VAE_COMMON, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
-               use_quant_conv=False, use_post_quant_conv=False)
-#: FLUX VAE: 16 latent channels, (z − 0.1159)·0.3611, no quant convs
-VAE_FLUX = dict(VAE_SD3, scaling_factor=0.3611, shift_factor=0.1159)
-
-#: SDXL: text_encoder = CLIP-L (hidden 16), text_encoder_2 = CLIP-G with projection (hidden 32, projection 24)
-SDXL_CLIP_L = dict(_CLIP_COMMON, hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16)
-SDXL_CLIP_G = dict(_CLIP_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4, projection_dim=24)
-SDXL_UNET = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    transformer_layers_per_block=(1, 2),
-    projection_class_embeddings_input_dim=6 * 8 + 24,  # 6 time ids · addition_time_embed_dim + CLIP-G projection
-    cross_attention_dim=16 + 32,  # CLIP-L hidden + CLIP-G hidden
-    norm_num_groups=8,
-)
-#: SDXL base's scheduler_config.json (EulerDiscreteScheduler)
-SCHEDULER_SDXL = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    interpolation_type="linear",
-    steps_offset=1,
-    timestep_spacing="leading",
-    use_karras_sigmas=False,
-)
-
-#: SD3.5: CLIP-L (hidden 16, proj 16), CLIP-G (hidden 32, proj 24), T5 (d_model 64 ≥ 16 + 32: padded, never cropped)
-SD3_CLIP_L = dict(_CLIP_COMMON, hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16)
-SD3_CLIP_G = dict(_CLIP_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4, projection_dim=24)
-SD3_T5 = dict(d_model=64, d_ff=64, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-              relative_attention_max_distance=16, feed_forward_proj="gated-gelu")
-_SD3_TRANSFORMER = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=64,  # = T5 d_model
-    caption_projection_dim=32,  # = heads · head_dim
-    pooled_projection_dim=16 + 24,  # CLIP-L projection + CLIP-G projection
-    pos_embed_max_size=32,
-    qk_norm="rms_norm",
-)
-#: SD3.5 Medium (MMDiT-X: dual attention in the first block) and Large (plain MMDiT); both with RMS qk-norm
-SD35_MEDIUM_TRANSFORMER = dict(_SD3_TRANSFORMER, dual_attention_layers=(0,))
-SD35_LARGE_TRANSFORMER = dict(_SD3_TRANSFORMER, dual_attention_layers=())
-SCHEDULER_SD3 = dict(num_train_timesteps=1000, shift=3.0)
-
-#: FLUX: CLIP-L (hidden 24 = pooled width), T5 (d_model 32 = joint width)
-FLUX_CLIP_L = dict(_CLIP_COMMON, hidden_size=24, intermediate_size=48, num_attention_heads=2, projection_dim=24)
-FLUX_T5 = dict(SD3_T5, d_model=32, d_ff=48)
-FLUX_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,  # 2×2 packing of 16 latent channels
-    out_channels=None,
-    num_layers=1,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=24,
-    guidance_embeds=True,  # FLUX.1-dev is guidance-distilled
-    axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-)
-SCHEDULER_FLUX = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+#: every tiny T5 encoder: 2 layers of 4 heads of 8; families set the widths d_model and d_ff
+TINY_T5 = dict(d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+               feed_forward_proj="gated-gelu")
 
 #: discriminator backbones (docs/method.md, decision 5): DINOv2 with patch 8 at 64 px (64 tokens) and a CLIP text tower
 DINO_BACKBONE = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=64,
                      patch_size=8, num_channels=3, layerscale_value=1.0, use_swiglu_ffn=False)
-CLIP_TEXT_BACKBONE = dict(_CLIP_COMMON, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+CLIP_TEXT_BACKBONE = dict(TINY_CLIP, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                           projection_dim=32)
 
 _CLIP_VOCAB_SIZE = 700
@@ -232,89 +191,47 @@ def _prepare_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def _build_sdxl(seed: int):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _build_pipeline(family: Any, spec: TinyTeacher, seed: int) -> Any:
+    """The family's stock pipeline holding the tiny components of ``spec`` (text encoder i seeded ``seed + i``,
+    then the VAE, then the denoiser)."""
+    import diffusers
+    import transformers
 
-    tok = tiny_clip_tokenizer()
-    with _seeded(seed):
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_CLIP_L, **_clip_ids(tok)))
-    with _seeded(seed + 1):
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_CLIP_G, **_clip_ids(tok)))
-    with _seeded(seed + 2):
-        vae = AutoencoderKL(**VAE_SDXL)
-    with _seeded(seed + 3):
-        unet = UNet2DConditionModel(**SDXL_UNET)
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok, tokenizer_2=tok,
-        unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER_SDXL),
-    )
-
-
-def _build_sd3(seed: int, transformer_cfg: dict):
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
-    with _seeded(seed):
-        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**SD3_CLIP_L, **_clip_ids(clip_tok)))
-    with _seeded(seed + 1):
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SD3_CLIP_G, **_clip_ids(clip_tok)))
-    with _seeded(seed + 2):
-        text_encoder_3 = T5EncoderModel(T5Config(**SD3_T5, **_t5_ids(t5_tok)))
-    with _seeded(seed + 3):
-        vae = AutoencoderKL(**VAE_SD3)
-    with _seeded(seed + 4):
-        transformer = SD3Transformer2DModel(**transformer_cfg)
-    return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_SD3), vae=vae,
-        text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=clip_tok,
-        text_encoder_3=text_encoder_3, tokenizer_3=t5_tok,
-    )
-
-
-def _build_flux(seed: int):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
-    with _seeded(seed):
-        text_encoder = CLIPTextModel(CLIPTextConfig(**FLUX_CLIP_L, **_clip_ids(clip_tok)))
-    with _seeded(seed + 1):
-        text_encoder_2 = T5EncoderModel(T5Config(**FLUX_T5, **_t5_ids(t5_tok)))
-    with _seeded(seed + 2):
-        vae = AutoencoderKL(**VAE_FLUX)
-    with _seeded(seed + 3):
-        transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_FLUX), vae=vae, text_encoder=text_encoder,
-        tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=t5_tok, transformer=transformer,
-    )
+    clip_tok = tiny_clip_tokenizer()
+    t5_tok = tiny_t5_tokenizer() if any(c.is_t5 for c in family.text_components) else None
+    components: dict[str, Any] = {}
+    for i, comp in enumerate(family.text_components):
+        tok = t5_tok if comp.is_t5 else clip_tok
+        config = (transformers.T5Config(**spec.text[comp.section], **_t5_ids(tok)) if comp.is_t5
+                  else transformers.CLIPTextConfig(**spec.text[comp.section], **_clip_ids(tok)))
+        with _seeded(seed + i):
+            components[comp.encoder] = getattr(transformers, comp.class_name)(config)
+        components[comp.tokenizer] = tok
+    n = len(family.text_components)
+    with _seeded(seed + n):
+        components["vae"] = diffusers.AutoencoderKL(**spec.vae)
+    with _seeded(seed + n + 1):
+        components[family.denoiser_subfolder] = getattr(diffusers, family.denoiser_class_name)(**spec.denoiser)
+    components["scheduler"] = getattr(diffusers, family.scheduler_class_name)(**spec.scheduler)
+    return getattr(diffusers, family.pipeline_class_name)(**components)
 
 
 def build_tiny_teacher(kind: str, out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a tiny teacher of ``kind`` ∈ :data:`TINY_KINDS` as a diffusers folder at ``out_dir``; return its path.
+    """Write a tiny teacher of ``kind`` (one of :func:`tiny_kinds`) as a diffusers folder at ``out_dir``; return
+    its path.
 
     ``sd35-medium`` has dual attention in block 0 and RMS qk-norm (MMDiT-X); ``sd35-large`` has RMS qk-norm only;
     ``flux`` has FLUX.1-dev's distilled-guidance embedding (``guidance_embeds=True``). Same ``seed`` → byte-identical
     files. Takes about a second (plus imports).
     """
-    if kind not in TINY_KINDS:
-        raise ValueError(f"unknown tiny teacher kind {kind!r}; expected one of {sorted(TINY_KINDS)}")
+    from senseflow.models.families import get_family
+
+    kinds = tiny_kinds()
+    if kind not in kinds:
+        raise ValueError(f"unknown tiny teacher kind {kind!r}; expected one of {sorted(kinds)}")
     out = _prepare_out_dir(out_dir, overwrite)
-    if kind == "sdxl":
-        pipe = _build_sdxl(seed)
-    elif kind == "sd35-medium":
-        pipe = _build_sd3(seed, SD35_MEDIUM_TRANSFORMER)
-    elif kind == "sd35-large":
-        pipe = _build_sd3(seed, SD35_LARGE_TRANSFORMER)
-    else:
-        pipe = _build_flux(seed)
+    family = get_family(kinds[kind])
+    pipe = _build_pipeline(family, family.tiny_teachers[kind], seed)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -388,7 +305,7 @@ def build_tiny_assets(out_dir: str | Path, seed: int = 0, overwrite: bool = Fals
     (sdxl, sd35-medium, sd35-large, flux), ``backbones/`` (DINOv2 and CLIP text), ``data/dataset.json`` and
     ``data/sdxl_latents.lmdb`` (the same images as SDXL VAE latents at 64 px)."""
     out = _prepare_out_dir(out_dir, overwrite)
-    for kind in TINY_KINDS:
+    for kind in tiny_kinds():
         build_tiny_teacher(kind, out / kind, seed=seed)
     build_tiny_discriminator_backbones(out / "backbones", seed=seed)
     images = build_tiny_dataset(out / "data", seed=seed)
@@ -407,7 +324,7 @@ def main_tiny(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="senseflow tiny",
                                      description="Write a tiny random teacher (diffusers layout) "
                                                  "or the tiny VFM-discriminator backbones, for tests and CPU demos.")
-    parser.add_argument("--kind", required=True, choices=[*TINY_KINDS, "backbones", "dataset", "all"],
+    parser.add_argument("--kind", required=True, choices=[*tiny_kinds(), "backbones", "dataset", "all"],
                         help="a teacher, the discriminator backbones, the tiny image-caption set, or all of them")
     parser.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
     parser.add_argument("--seed", type=int, default=0)

@@ -410,15 +410,16 @@ def test_guidance_kind_must_be_the_teacher_familys(section):
             load_config(PRESETS[name], [f"{key}=embedding"])
 
 
-def test_family_guidance_table_matches_the_families_guided_prediction():
-    """FAMILY_GUIDANCE (what validation demands) agrees with each family's guided_predict: CFG is the shared
-    DiffusersFamily implementation (cfg_predict), FLUX overrides it with the guidance embedding."""
-    from senseflow.config import FAMILY_GUIDANCE
+def test_family_guidance_kind_matches_the_familys_guided_prediction():
+    """Each family's guidance_kind (what validation demands of method.*.guidance.kind) agrees with its
+    guided_predict: CFG is the shared DiffusersFamily implementation (cfg_predict), FLUX overrides it with the
+    guidance embedding."""
     from senseflow.models.families import FAMILY_NAMES, get_family
     from senseflow.models.families.loading import DiffusersFamily
 
-    assert sorted(FAMILY_GUIDANCE) == sorted(FAMILY_NAMES)
-    for name, kind in FAMILY_GUIDANCE.items():
+    kinds = {name: get_family(name).guidance_kind for name in FAMILY_NAMES}
+    assert kinds == {"sdxl": "cfg", "sd3": "cfg", "flux": "embedding"}
+    for name, kind in kinds.items():
         cls = get_family(name)
         assert cls.name == name
         uses_cfg = cls.guided_predict is DiffusersFamily.guided_predict

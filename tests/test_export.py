@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from senseflow import inference
-from senseflow.export import FAMILIES, PIPELINES, main_export, pipeline_kwargs
+from senseflow.export import main_export, pipeline_kwargs
+from senseflow.models.families import get_family
 
 #: export family → tiny teacher kind
 KINDS = {"flux": "flux", "sd3": "sd35-large", "sdxl": "sdxl"}
@@ -55,7 +56,7 @@ def our_euler_latents(
     """Latents of the inference scripts' Euler sampler (student loaded from ``checkpoint`` like the scripts do)."""
     from senseflow.method.sampling import make_anchors, sample_euler
 
-    spec = inference.SPECS[FAMILIES[family_name]]
+    spec = inference.get_spec(family_name)
     args = inference.build_parser(spec).parse_args([f"--{spec.teacher_flag}", str(teacher), "--checkpoint",
                                                     str(checkpoint), "--output_dir", str(tmp), "--height", str(SIZE),
                                                     "--width", str(SIZE), "--sampler", "euler"])
@@ -81,7 +82,8 @@ def test_stock_pipeline_on_the_export_reproduces_our_euler_sampler(family_name, 
     sub = "unet" if family_name == "sdxl" else "transformer"
     readme = (out / "README.md").read_text()
     kwargs = pipeline_kwargs(family_name, 4)
-    assert f"{PIPELINES[family_name]}.from_pretrained" in readme
+    pipeline = get_family(family_name).pipeline_class_name
+    assert f"{pipeline}.from_pretrained" in readme
     assert all(f"{k}={v!r}" in readme for k, v in kwargs.items())
     assert json.loads((out / "senseflow_export.json").read_text())["pipeline_kwargs"] == json.loads(json.dumps(kwargs))
     if family_name == "flux":
@@ -91,7 +93,7 @@ def test_stock_pipeline_on_the_export_reproduces_our_euler_sampler(family_name, 
     noise = torch.randn(len(PROMPTS), c, h, w, generator=torch.Generator().manual_seed(0))
     ours = our_euler_latents(family_name, teacher, ckpt, noise, tmp_path / "imgs")
 
-    pipe = getattr(diffusers, PIPELINES[family_name]).from_pretrained(str(out), local_files_only=True)
+    pipe = getattr(diffusers, pipeline).from_pretrained(str(out), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     latents = pack_latents(noise) if family_name == "flux" else noise
     theirs = pipe(PROMPTS, height=SIZE, width=SIZE, latents=latents, output_type="latent", **kwargs).images

@@ -5,7 +5,7 @@ it from the object that :func:`load_config` returns. The package has one module 
 
 - :mod:`~senseflow.config.schema`: the dataclasses of the training config (OmegaConf structured configs) whose
   sections are ``experiment``, ``teacher``, ``schedule``, ``method``, ``discriminator``, ``optimizer``, ``train``,
-  ``data`` and ``dist``, with each field's allowed choices; :data:`FAMILY_GUIDANCE`;
+  ``data`` and ``dist``, with each field's allowed choices (``teacher.family``: the registered teacher families);
 - :mod:`~senseflow.config.introspection`: keys, types and choices of a schema (:func:`schema_keys`);
 - :mod:`~senseflow.config.loading`: YAML ``defaults`` chains, overrides, unknown-key hints, type errors
   (:func:`load_structured`, :func:`load_config`);
@@ -30,7 +30,6 @@ from senseflow.config.introspection import schema_keys
 from senseflow.config.loading import load_config, load_structured
 from senseflow.config.output import resolved_yaml, save_resolved
 from senseflow.config.schema import (
-    FAMILY_GUIDANCE,
     DataConfig,
     DiscriminatorConfig,
     DistConfig,
@@ -55,7 +54,6 @@ from senseflow.config.validation import validate, validate_paths
 
 __all__ = [
     "ConfigError",
-    "FAMILY_GUIDANCE",
     "SenseFlowConfig",
     "ExperimentConfig",
     "TeacherConfig",

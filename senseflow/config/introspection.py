@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from typing import Any
+from typing import Any, Callable
 
 from senseflow.config.schema import CHOICES, SenseFlowConfig
 
@@ -66,14 +66,16 @@ def schema_keys(cls: type = SenseFlowConfig, prefix: str = "") -> list[str]:
     return out
 
 
-def schema_choices(cls: type = SenseFlowConfig, prefix: str = "") -> dict[str, tuple[str, ...]]:
-    """Dotted key -> allowed values of every leaf field declared with choices (field metadata), in declaration order."""
-    out: dict[str, tuple[str, ...]] = {}
+def schema_choices(cls: type = SenseFlowConfig, prefix: str = "") -> dict[str, tuple[str, ...] | Callable[[], Any]]:
+    """Dotted key -> allowed values of every leaf field declared with choices (field metadata), in declaration order;
+    choices given as a callable (the teacher families) stay a callable, to be asked when a value is checked."""
+    out: dict[str, tuple[str, ...] | Callable[[], Any]] = {}
     for f in dataclasses.fields(cls):
         tp = hints(cls)[f.name]
         key = f"{prefix}{f.name}"
         if is_section(tp):
             out.update(schema_choices(tp, key + "."))
         elif CHOICES in f.metadata:
-            out[key] = tuple(f.metadata[CHOICES])
+            choices = f.metadata[CHOICES]
+            out[key] = choices if callable(choices) else tuple(choices)
     return out

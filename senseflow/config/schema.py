@@ -13,13 +13,12 @@ mean" hint.) Value ranges are in :mod:`senseflow.config.validation`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import MISSING
 
 __all__ = [
     "CHOICES",
-    "FAMILY_GUIDANCE",
     "choice",
     "SenseFlowConfig",
     "ExperimentConfig",
@@ -46,19 +45,23 @@ __all__ = [
 CHOICES = "choices"
 
 
-def choice(default: str, choices: tuple[str, ...]) -> Any:
-    """A string field that must be one of ``choices`` (the validator reads them from the field's metadata)."""
+def choice(default: str, choices: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> Any:
+    """A string field that must be one of ``choices`` (the validator reads them from the field's metadata); a
+    callable gives them when a config is validated (the teacher families, which can be registered at run time)."""
     return field(default=default, metadata={CHOICES: choices})
 
 
-#: how each teacher family's guided prediction works (``TeacherFamily.guided_predict``): classifier-free guidance
-#: u + s·(c − u) for SDXL and SD3.5, the distilled guidance embedding for FLUX.1-dev. ``method.*.guidance.kind`` must
-#: name it (checked by :func:`validate`, so a mismatch fails before any model loads). Its keys are the teacher
-#: families (``teacher.family``), its values the guidance kinds (``*.guidance.kind``).
-FAMILY_GUIDANCE: dict[str, str] = {"sdxl": "cfg", "sd3": "cfg", "flux": "embedding"}
+def _family_names() -> tuple[str, ...]:
+    """The registered teacher families (:func:`senseflow.models.families.family_names`)."""
+    from senseflow.models.families import family_names
 
-_FAMILIES = tuple(FAMILY_GUIDANCE)
-_GUIDANCE_KINDS = tuple(dict.fromkeys(FAMILY_GUIDANCE.values()))  # cfg, embedding
+    return family_names()
+
+
+#: how a teacher family guides (``TeacherFamily.guidance_kind``): classifier-free guidance u + s·(c − u) (SDXL,
+#: SD3.5) or the distilled guidance embedding (FLUX.1-dev). ``method.*.guidance.kind`` must name the family's
+#: (checked by :func:`validate`, so a mismatch fails before any model loads).
+_GUIDANCE_KINDS = ("cfg", "embedding")
 _DTYPES = ("float32", "bfloat16", "float16")
 _SAMPLER_KINDS = ("uniform", "logit_normal")
 _AUGMENTS = ("color", "translation", "cutout")
@@ -73,7 +76,7 @@ class ExperimentConfig:
 
 @dataclass
 class TeacherConfig:
-    family: str = choice("sd3", _FAMILIES)
+    family: str = choice("sd3", _family_names)  # a registered teacher family
     path: str = MISSING  # local diffusers folder with model_index.json
     student_path: str | None = None  # explicit initial weights for G and F (FLUX: decision 4 makes it optional)
     dtype: str = choice("bfloat16", _DTYPES)  # frozen teacher T (§3.3)
@@ -111,10 +114,10 @@ class TimestepSamplerConfig:
 @dataclass
 class GuidanceConfig:
     """Teacher guidance scale s ~ U(min, max) drawn once per call. ``kind`` states how the teacher family guides and
-    must match it (:data:`FAMILY_GUIDANCE`): ``cfg`` = classifier-free guidance (SDXL, SD3.5), ``embedding`` =
-    FLUX.1-dev's distilled guidance input."""
+    must match it (the family's ``guidance_kind``): ``cfg`` = classifier-free guidance (SDXL, SD3.5),
+    ``embedding`` = FLUX.1-dev's distilled guidance input."""
 
-    kind: str = choice("cfg", _GUIDANCE_KINDS)  # must be the teacher family's (FAMILY_GUIDANCE)
+    kind: str = choice("cfg", _GUIDANCE_KINDS)  # must be the teacher family's guidance_kind
     min: float = 2.0
     max: float = 8.0
 

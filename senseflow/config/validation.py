@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from senseflow.config.errors import ConfigError
 from senseflow.config.introspection import field_type, schema_choices, schema_keys, strip_optional
-from senseflow.config.schema import FAMILY_GUIDANCE, SenseFlowConfig
+from senseflow.config.schema import SenseFlowConfig
 
 __all__ = ["validate", "validate_paths"]
 
@@ -33,6 +33,11 @@ def _one_of(*choices: str) -> _Rule:
 
 def _all_of(*choices: str) -> _Rule:
     return _Rule(lambda v: all(item in choices for item in v), "a list of: " + ", ".join(choices), choices)
+
+
+def _asked(make: Callable[..., _Rule], choices: Callable[[], tuple[str, ...]]) -> Callable[[], _Rule]:
+    """A rule whose choices are asked for when a config is checked (teacher families registered at run time)."""
+    return lambda: make(*choices())
 
 
 def _at_least(lo: float, what: str = "a number", note: str = "") -> _Rule:
@@ -110,8 +115,9 @@ _RANGES: dict[str, _Rule] = {
 }
 
 
-def _field_rules() -> dict[str, _Rule]:
-    """Dotted key -> its rule (a choice from the schema, or a range), in schema declaration order."""
+def _field_rules() -> dict[str, _Rule | Callable[[], _Rule]]:
+    """Dotted key -> its rule (a choice from the schema, or a range), in schema declaration order; a rule whose
+    choices the schema gives as a callable is made when a config is checked."""
     keys, choices = schema_keys(), schema_choices()
     for key in _RANGES:
         if key not in keys or key in choices:
@@ -120,13 +126,15 @@ def _field_rules() -> dict[str, _Rule]:
     for key in keys:
         if key in choices:
             is_list = typing.get_origin(strip_optional(field_type(key, SenseFlowConfig))) is list
-            rules[key] = (_all_of if is_list else _one_of)(*choices[key])
+            make = _all_of if is_list else _one_of
+            allowed = choices[key]
+            rules[key] = _asked(make, allowed) if callable(allowed) else make(*allowed)
         elif key in _RANGES:
             rules[key] = _RANGES[key]
     return rules
 
 
-_RULES: dict[str, _Rule] = _field_rules()
+_RULES: dict[str, _Rule | Callable[[], _Rule]] = _field_rules()
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -151,6 +159,7 @@ def validate(cfg: SenseFlowConfig, sources: dict[str, str] | None = None) -> Non
     """
     src = sources or {}
     for key, rule in _RULES.items():
+        rule = rule if isinstance(rule, _Rule) else rule()
         value = _get(cfg, key)
         if not rule.check(value):
             _fail(key, value, rule.expected, src, rule.choices)
@@ -159,6 +168,9 @@ def validate(cfg: SenseFlowConfig, sources: dict[str, str] | None = None) -> Non
         if not ok:
             _fail(key, _get(cfg, key), expected, src)
 
+    from senseflow.models.families import get_family
+
+    family = get_family(cfg.teacher.family)  # a registered name (checked above): its guidance and schedule kinds
     hooks = cfg.discriminator.hooks
     need(bool(hooks) and all(h >= 0 for h in hooks) and len(set(hooks)) == len(hooks),
          "discriminator.hooks", "a non-empty list of distinct block indices >= 0")
@@ -169,17 +181,17 @@ def validate(cfg: SenseFlowConfig, sources: dict[str, str] | None = None) -> Non
     for prefix in ("method.dmd.guidance", "method.isg.guidance"):
         guidance = _get(cfg, prefix)
         need(guidance.max >= guidance.min, f"{prefix}.max", f"a number >= {prefix}.min ({guidance.min:g})")
-        kind = FAMILY_GUIDANCE[cfg.teacher.family]
+        kind = family.guidance_kind
         why = ("FLUX.1-dev teachers guide with their distilled guidance embedding, not CFG" if kind == "embedding"
                else "only FLUX teachers have a guidance embedding")
         need(guidance.kind == kind, f"{prefix}.kind", f"'{kind}' for teacher.family={cfg.teacher.family} ({why})")
-    need(cfg.method.isg.sdxl_mode == "intended" or cfg.teacher.family == "sdxl", "method.isg.sdxl_mode",
+    need(cfg.method.isg.sdxl_mode == "intended" or family.schedule_kind == "ddpm", "method.isg.sdxl_mode",
          f"'intended' for teacher.family={cfg.teacher.family} (the 'reference' reduction is the SDXL trainer's, §8.2)")
 
     need(cfg.optimizer.decay != "cosine" or cfg.optimizer.decay_steps > 0, "optimizer.decay",
          "'none' unless optimizer.decay_steps > 0 (cosine decays over that many iterations after the warm-up)")
-    _validate_schedule(cfg, need)
-    need(not cfg.method.dmd2_cls.enabled or cfg.teacher.family == "sdxl", "method.dmd2_cls.enabled",
+    _validate_schedule(cfg, need, family.schedule_kind == "flow")
+    need(not cfg.method.dmd2_cls.enabled or family.unet_bottleneck, "method.dmd2_cls.enabled",
          f"false for teacher.family={cfg.teacher.family} (the DMD2 classifier sits on the SDXL UNet bottleneck)")
     need(cfg.data.resolution == cfg.teacher.resolution, "data.resolution",
          f"the same value as teacher.resolution ({cfg.teacher.resolution}): real latents are generator inputs")
@@ -189,10 +201,11 @@ def validate(cfg: SenseFlowConfig, sources: dict[str, str] | None = None) -> Non
          f"false with dist.strategy={cfg.dist.strategy} (CPU offload needs FSDP)")
 
 
-def _validate_schedule(cfg: SenseFlowConfig, need: Callable[[bool, str, str], None]) -> None:
-    """Anchors strictly decreasing; every ISG segment leaves room for a mid-point (when checkable without the
-    teacher's scheduler: grid indices, DDPM timesteps, or explicit flow anchors in timestep units)."""
-    sched, flow = cfg.schedule, cfg.teacher.family != "sdxl"
+def _validate_schedule(cfg: SenseFlowConfig, need: Callable[[bool, str, str], None], flow: bool) -> None:
+    """Anchors strictly decreasing (sigmas for a ``flow`` family, else DDPM timesteps); every ISG segment leaves room
+    for a mid-point (when checkable without the teacher's scheduler: grid indices, DDPM timesteps, or explicit flow
+    anchors in timestep units)."""
+    sched = cfg.schedule
     idx = sched.anchor_indices
     need(bool(idx) and all(i >= 0 for i in idx) and all(a > b for a, b in zip(idx, idx[1:])),
          "schedule.anchor_indices", "a non-empty, strictly decreasing list of grid indices >= 0")

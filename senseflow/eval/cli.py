@@ -59,6 +59,7 @@ def run_eval(cfg, progress: bool = True, generate_only: bool = False,
     from senseflow.eval.prompts import load_prompt_set
     from senseflow.eval.report import markdown_table, write_report
     from senseflow.inference import SPECS
+    from senseflow.models.families import family_names
 
     log = log or (lambda s: print(s, file=sys.stderr))
     out = Path(cfg.output_dir)
@@ -89,9 +90,11 @@ def run_eval(cfg, progress: bool = True, generate_only: bool = False,
 
     r = g.reference
     if r.enabled and g.teacher:
-        family = g.family or (SPECS[s.spec].family if s.spec in SPECS else None)
+        spec_family = SPECS[s.spec].family if s.spec in SPECS else s.spec if s.spec in family_names() else None
+        family = g.family or spec_family
         if family is None:
-            raise ValueError("generation.family (sdxl | sd3 | flux) is needed to generate teacher references")
+            raise ValueError(f"generation.family ({' | '.join(family_names())}) is needed to generate teacher "
+                             "references")
         tsettings = TeacherSettings(teacher=g.teacher, family=family, steps=r.steps, guidance_scale=r.guidance_scale,
                                     seed=g.seed if r.seed is None else r.seed, height=g.height, width=g.width,
                                     batch_size=r.batch_size or g.batch_size, device=g.device, dtype=g.dtype,

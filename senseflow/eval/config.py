@@ -59,8 +59,8 @@ class ReferenceGenConfig:
 
 @dataclass
 class GenerationConfig:
-    """Shared generation settings; ``family`` (sdxl | sd3 | flux) defaults to the student spec's family;
-    ``limit`` stops each folder after that many new images (resume later)."""
+    """Shared generation settings; ``family`` (a registered teacher family: sdxl | sd3 | flux …) defaults to the
+    student spec's family; ``limit`` stops each folder after that many new images (resume later)."""
 
     teacher: Optional[str] = None
     family: Optional[str] = None
@@ -174,6 +174,7 @@ def _check(cfg: EvalConfig, label: str) -> None:
 
     from senseflow.eval.fid import PATCH_LAYOUTS
     from senseflow.eval.prompts import SOURCES
+    from senseflow.models.families import family_names
 
     need(cfg.prompts.source in SOURCES, "prompts.source", " | ".join(SOURCES), cfg.prompts.source)
     need(cfg.prompts.path is not None, "prompts.path", "a prompt file", cfg.prompts.path)
@@ -181,7 +182,8 @@ def _check(cfg: EvalConfig, label: str) -> None:
     g = cfg.generation
     need(g.student.sampler in ("stochastic", "euler"), "generation.student.sampler", "stochastic | euler",
          g.student.sampler)
-    need(g.family in (None, "sdxl", "sd3", "flux"), "generation.family", "sdxl | sd3 | flux | null", g.family)
+    families = family_names()
+    need(g.family in (None, *families), "generation.family", " | ".join(families) + " | null", g.family)
     for key in ("height", "width", "batch_size"):
         need(getattr(g, key) >= 1, f"generation.{key}", "a positive integer", getattr(g, key))
     need(g.limit is None or g.limit >= 0, "generation.limit", "null or >= 0", g.limit)

@@ -130,11 +130,13 @@ def _student_record(s: StudentSettings, prompts: Sequence[str]) -> dict[str, Any
 
 def plan_student(settings: StudentSettings, prompts_file: Path, num_prompts: int, output_dir: Path):
     """Check everything and return a :class:`senseflow.inference.Plan` (no weights loaded)."""
-    from senseflow.inference import SPECS, prepare
+    from senseflow.inference import SPECS, get_spec, prepare
+    from senseflow.models.families import family_names
 
-    if settings.spec not in SPECS:
-        raise ValueError(f"generation.student.spec {settings.spec!r} is not one of: {', '.join(SPECS)}")
-    spec = SPECS[settings.spec]
+    names = [*SPECS, *(f for f in family_names() if f not in SPECS)]  # a script's spec, or a family's default
+    if settings.spec not in names:
+        raise ValueError(f"generation.student.spec {settings.spec!r} is not one of: {', '.join(names)}")
+    spec = get_spec(settings.spec)
     args = argparse.Namespace(**{
         spec.teacher_flag: settings.teacher, "checkpoint": settings.checkpoint, "output_dir": str(output_dir),
         "prompts_file": str(prompts_file), "start_idx": 0, "num_prompts": num_prompts,
@@ -142,13 +144,6 @@ def plan_student(settings: StudentSettings, prompts_file: Path, num_prompts: int
         "steps": settings.steps, "seed": settings.seed, "height": settings.height, "width": settings.width,
         "device": settings.device, "dtype": settings.dtype})
     return prepare(args, spec)
-
-
-def _encode(family: Any, texts: Sequence[str], height: int, width: int) -> Any:
-    """Prompt conditions; SDXL micro-conditioning: original size = target size, crop (0, 0) (as the scripts)."""
-    b = len(texts)
-    return family.encode_prompts(list(texts), original_sizes=torch.tensor([[height, width]] * b),
-                                 crop_coords=torch.zeros(b, 2, dtype=torch.long))
 
 
 def _bar(total: int, desc: str, progress: bool):
@@ -161,7 +156,7 @@ def _bar(total: int, desc: str, progress: bool):
 def generate_student(plan: Any, family: Any, student: nn.Module, limit: int | None = None,
                      progress: bool = True, record: Mapping[str, Any] | None = None) -> GenerationResult:
     """Sample the plan's prompts that have no complete PNG yet (at most ``limit`` of them), batch by batch."""
-    from senseflow.inference import initial_latents, prompt_generator, to_uint8_images
+    from senseflow.inference import _encode, initial_latents, prompt_generator, to_uint8_images
     from senseflow.method.sampling import make_anchors, sample_euler, sample_stochastic
 
     folder = Path(plan.output_dir)
@@ -220,16 +215,17 @@ def load_teacher_pipeline(settings: TeacherSettings) -> Any:
     """The stock diffusers pipeline of the teacher folder, loaded offline, on the run's device and dtype."""
     import diffusers
 
-    from senseflow.inference import PIPELINE_CLASSES, check_teacher_folder
+    from senseflow.inference import check_teacher_folder, pipeline_classes
     from senseflow.quiet import quiet_libraries
 
-    if settings.family not in PIPELINE_CLASSES:
-        raise ValueError(f"teacher family {settings.family!r} is not one of: {', '.join(PIPELINE_CLASSES)}")
+    classes = pipeline_classes()
+    if settings.family not in classes:
+        raise ValueError(f"teacher family {settings.family!r} is not one of: {', '.join(classes)}")
     check_teacher_folder(settings.teacher, settings.family)
     quiet_libraries()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    cls = getattr(diffusers, PIPELINE_CLASSES[settings.family])
+    cls = getattr(diffusers, classes[settings.family])
     pipe = cls.from_pretrained(str(settings.teacher), dtype=dtype, local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -11,52 +11,33 @@ from torch import nn
 from senseflow.memory.activations import ActivationProfile, _Traces, trace_activations
 from senseflow.memory.arch import _no_power_iterations, build_meta, load_arch_config
 from senseflow.memory.budget import MemoryPlanError, _Net
+from senseflow.models.families.loading import vae_factor
 
-# ---- which networks a family uses ----------------------------------------------------------------------------
-_DENOISER_UNITS = {
-    "flux": ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
-    "sd3": ("JointTransformerBlock",),
-    "sdxl": ("ResnetBlock2D", "BasicTransformerBlock"),  # what diffusers checkpoints inside the UNet
-}
-_FSDP_UNITS = {  # one FSDP unit each (senseflow.models.families.*.block_types)
-    "flux": ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
-    "sd3": ("JointTransformerBlock",),
-    "sdxl": ("DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
-}
-_TEXT_ENCODERS = {
-    "flux": [("CLIP-L text", "clip_vit_l14_text", "text_encoder"),
-             ("T5-XXL encoder", "t5_v1_1_xxl_encoder", "text_encoder_2")],
-    "sd3": [("CLIP-L text", "clip_vit_l14_text_with_projection", "text_encoder"),
-            ("CLIP-G text", "clip_bigg14_text_with_projection", "text_encoder_2"),
-            ("T5-XXL encoder", "t5_v1_1_xxl_encoder", "text_encoder_3")],
-    "sdxl": [("CLIP-L text", "clip_vit_l14_text", "text_encoder"),
-             ("CLIP-bigG text", "clip_bigg14_text_with_projection", "text_encoder_2")],
-}
-_VAE = {"flux": "flux_vae", "sd3": "sd3_vae", "sdxl": "sdxl_vae"}
-_DENOISER_SUBFOLDER = {"flux": "transformer", "sd3": "transformer", "sdxl": "unet"}
+# the discriminator's backbones when its configs are not local folders
 _DISC_BACKBONE, _DISC_TEXT = "dinov2_large", "clip_vit_l14_text_with_projection"
+
+
+def _family(cfg: Any) -> Any:
+    """The teacher family class: its networks, units and dummy inputs (senseflow.models.families)."""
+    from senseflow.models.families import get_family
+
+    return get_family(cfg.teacher.family)
 
 
 def _resolve_denoiser(cfg: Any, denoiser: str | None) -> tuple[str, dict[str, Any]]:
     """The teacher's architecture: ``denoiser`` (a shipped name or a path), else the teacher folder's own
-    ``config.json`` when it exists, else the shipped public config for the family."""
-    family = cfg.teacher.family
+    ``config.json`` when it exists, else the family's shipped public config."""
+    fam = _family(cfg)
     if denoiser:
         return str(denoiser), load_arch_config(denoiser)
-    local = Path(cfg.teacher.path) / _DENOISER_SUBFOLDER[family] / "config.json"
+    local = Path(cfg.teacher.path) / fam.denoiser_subfolder / "config.json"
     if local.is_file():
         return str(local), load_arch_config(local)
-    if family == "flux":
-        return "flux_dev_transformer", load_arch_config("flux_dev_transformer")
-    if family == "sdxl":
-        return "sdxl_unet", load_arch_config("sdxl_unet")
-    hint = f"{cfg.experiment.name} {cfg.teacher.path}".lower()
-    for size in ("large", "medium"):
-        if size in hint:
-            return f"sd35_{size}_transformer", load_arch_config(f"sd35_{size}_transformer")
-    raise MemoryPlanError("teacher.family=sd3: cannot tell SD3.5 Medium from Large (no 'medium'/'large' in "
-                          "experiment.name or teacher.path, no local transformer/config.json); pass --denoiser "
-                          "sd35_medium_transformer or sd35_large_transformer")
+    try:
+        name = fam.public_denoiser(f"{cfg.experiment.name} {cfg.teacher.path}".lower())
+    except ValueError as exc:
+        raise MemoryPlanError(str(exc)) from None
+    return name, load_arch_config(name)
 
 
 def _local_or_shipped(cfg: Any, subfolder: str, shipped: str) -> dict[str, Any]:
@@ -64,36 +45,12 @@ def _local_or_shipped(cfg: Any, subfolder: str, shipped: str) -> dict[str, Any]:
     return load_arch_config(local if local.is_file() else shipped)
 
 
-def _denoiser_inputs(family: str, config: dict[str, Any], cfg: Any, batch: int, lat: int, dtype: torch.dtype,
+def _denoiser_inputs(cfg: Any, config: dict[str, Any], batch: int, lat: int, dtype: torch.dtype,
                      device: str = "meta") -> Callable[[nn.Module], Any]:
-    """A closure running the student's forward (no guidance input) on inputs of the run's shapes: latents of
-    side ``lat``, the config's text lengths."""
-    kw = dict(device=device, dtype=dtype)
-    if family == "flux":
-        n_img = (lat // 2) ** 2
-        text_len = int(cfg.teacher.t5_max_length)
-        x = torch.zeros(batch, n_img, config["in_channels"], requires_grad=True, **kw)
-        context = torch.zeros(batch, text_len, config["joint_attention_dim"], **kw)
-        inputs = dict(hidden_states=x, encoder_hidden_states=context,
-                      pooled_projections=torch.zeros(batch, config["pooled_projection_dim"], **kw),
-                      timestep=torch.ones(batch, device=device), img_ids=torch.zeros(n_img, 3, device=device),
-                      txt_ids=torch.zeros(text_len, 3, device=device))
-    elif family == "sd3":
-        text_len = int(cfg.teacher.clip_max_length) + int(cfg.teacher.t5_max_length)
-        x = torch.zeros(batch, config["in_channels"], lat, lat, requires_grad=True, **kw)
-        context = torch.zeros(batch, text_len, config["joint_attention_dim"], **kw)
-        inputs = dict(hidden_states=x, encoder_hidden_states=context,
-                      pooled_projections=torch.zeros(batch, config["pooled_projection_dim"], **kw),
-                      timestep=torch.ones(batch, device=device))
-    else:
-        x = torch.zeros(batch, config["in_channels"], lat, lat, requires_grad=True, **kw)
-        n_time = 6 * int(config.get("addition_time_embed_dim") or 0)
-        text_embeds = int(config.get("projection_class_embeddings_input_dim") or 0) - n_time
-        inputs = dict(sample=x, timestep=torch.ones(batch, device=device),
-                      encoder_hidden_states=torch.zeros(batch, int(cfg.teacher.clip_max_length),
-                                                        config["cross_attention_dim"], **kw),
-                      added_cond_kwargs={"text_embeds": torch.zeros(batch, text_embeds, **kw),
-                                         "time_ids": torch.zeros(batch, 6, **kw)})
+    """A closure running the student's forward (no guidance input) on the family's inputs of the run's shapes:
+    latents of side ``lat``, the config's text lengths."""
+    inputs = _family(cfg).memory_inputs(config, batch, lat, int(cfg.teacher.clip_max_length),
+                                        int(cfg.teacher.t5_max_length), dtype, device)
     return lambda net: net(**inputs, return_dict=False)[0]
 
 
@@ -122,20 +79,21 @@ def analytic_head_params(channels: int, c_dim: int, cmap_dim: int, downsample: i
 def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded: bool,
                     disc_backbone_dtype: str) -> tuple[str, dict[str, Any], list[_Net], nn.Module | None, list[str]]:
     """(teacher arch name, its config, the run's networks on meta, the meta VFMDiscriminator or None, notes)."""
-    family = cfg.teacher.family
+    fam = _family(cfg)
     arch, den_cfg = _resolve_denoiser(cfg, denoiser)
-    student_cfg = dict(den_cfg, guidance_embeds=False) if family == "flux" else den_cfg  # docs/method.md decision 4
-    units, notes = _FSDP_UNITS[family], []
+    student_cfg = dict(den_cfg, **fam.student_overrides) if fam.student_overrides else den_cfg  # FLUX: decision 4
+    units, notes = tuple(t.__name__ for t in fam.block_types()), []  # one FSDP unit each
     nets = [
         _Net("generator", "generator G", arch, build_meta(student_cfg), True, "float32", fsdp, units),
         _Net("fake", "fake score F", arch, build_meta(student_cfg), True, "float32", fsdp, units),
         _Net("teacher", "teacher T", arch, build_meta(den_cfg), False, cfg.teacher.dtype, fsdp and teacher_sharded,
              units),
-        _Net("vae", "VAE", _VAE[family], build_meta(_local_or_shipped(cfg, "vae", _VAE[family])), False,
+        _Net("vae", "VAE", fam.public_vae, build_meta(_local_or_shipped(cfg, "vae", fam.public_vae)), False,
              cfg.teacher.vae_dtype, False),
     ]
-    for label, name, sub in _TEXT_ENCODERS[family]:
-        nets.append(_Net(f"text:{sub}", label, name, build_meta(_local_or_shipped(cfg, sub, name)), False,
+    for c in fam.text_components:
+        nets.append(_Net(f"text:{c.encoder}", c.label, c.public_config,
+                         build_meta(_local_or_shipped(cfg, c.encoder, c.public_config)), False,
                          cfg.teacher.text_encoder_dtype, False))
     disc = None
     if cfg.method.gan.enabled:
@@ -162,7 +120,7 @@ def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded:
             heads = nn.ParameterList([nn.Parameter(torch.empty(size, device="meta"))])
             label = f"D heads ×{n_heads} (analytic)"
         nets.append(_Net("disc_heads", label, "VFMDiscriminator heads", heads, True, "float32", False))
-    if cfg.method.dmd2_cls.enabled and family == "sdxl":
+    if cfg.method.dmd2_cls.enabled and fam.unet_bottleneck:
         from senseflow.models.dmd2_head import DMD2ClassifierHead, bottleneck_shape
 
         lat = int(cfg.teacher.resolution) // 8
@@ -178,14 +136,15 @@ def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded:
 def _trace_run(cfg: Any, student_cfg: dict[str, Any], nets: list[_Net], disc: nn.Module | None,
                disc_backbone_dtype: str) -> _Traces:
     """Trace the forwards with grad of one iteration at the config's resolution and per-GPU batch."""
-    family, batch, res = cfg.teacher.family, int(cfg.train.batch_size), int(cfg.teacher.resolution)
+    fam, batch, res = _family(cfg), int(cfg.train.batch_size), int(cfg.teacher.resolution)
     compute = None if cfg.train.mixed_precision == "fp32" else torch.bfloat16
     by = {n.key: n.module for n in nets}
     vae = by["vae"].to(getattr(torch, cfg.teacher.vae_dtype))
-    lat = res // (2 ** (len(vae.config.block_out_channels) - 1))  # latent side (VAE downsampling 8)
+    lat = res // vae_factor(vae.config)  # latent side (VAE downsampling 8)
     gen = by["generator"].to(compute or torch.float32)  # FSDP2 MixedPrecisionPolicy: blocks compute in bf16
-    den = trace_activations(gen, _denoiser_inputs(family, student_cfg, cfg, batch, lat, compute or torch.float32),
-                            _DENOISER_UNITS[family], compute)
+    units = fam.checkpoint_units or tuple(t.__name__ for t in fam.block_types())
+    den = trace_activations(gen, _denoiser_inputs(cfg, student_cfg, batch, lat, compute or torch.float32), units,
+                            compute)
     gen.float()
     channels = int(vae.config.latent_channels)
     z = torch.zeros(batch, channels, lat, lat, device="meta", dtype=getattr(torch, cfg.teacher.vae_dtype),

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from senseflow.models.families import get_family
+from senseflow.models.families.loading import vae_factor
 from senseflow.models.tokenizers import train_clip_tokenizer, train_t5_tokenizer
 from senseflow.teacher.config import TeacherTrainConfig
 
@@ -22,7 +23,7 @@ __all__ = ["build_pipeline", "vae_scale_factor", "latent_size"]
 
 def vae_scale_factor(cfg: TeacherTrainConfig) -> int:
     """Pixel-to-latent downscaling 2^(levels − 1) of the config's VAE."""
-    return 2 ** (len(cfg.vae["block_out_channels"]) - 1)
+    return vae_factor(cfg.vae)
 
 
 def latent_size(cfg: TeacherTrainConfig) -> int:

@@ -12,7 +12,8 @@ import argparse
 from typing import Sequence
 
 from senseflow.config import ConfigError
-from senseflow.teacher.config import TEACHER_FAMILIES, default_config_path, load_teacher_config
+from senseflow.models.families import family_names
+from senseflow.teacher.config import default_config_path, load_teacher_config
 
 __all__ = ["build_parser", "main_teacher"]
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="senseflow teacher", description="Train a small teacher of any family.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a teacher from an image-caption set into a diffusers folder")
-    t.add_argument("--family", required=True, choices=TEACHER_FAMILIES, help="the teacher family")
+    t.add_argument("--family", required=True, choices=family_names(), help="the teacher family")
     t.add_argument("--data", required=True, help="a JSON or JSON Lines image-caption set (senseflow data check)")
     t.add_argument("--out", required=True, help="the teacher folder (new or empty, or this command's earlier run)")
     t.add_argument("--config", default=None, help="settings YAML (default: configs/teacher/<family>.yaml)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from senseflow.config import ConfigError, load_structured
-from senseflow.models.families import FAMILY_NAMES
+from senseflow.models.families import family_names
 
 __all__ = [
     "TokenizerSettings",
@@ -25,15 +25,10 @@ __all__ = [
     "GuidanceDistillation",
     "SampleSettings",
     "TeacherTrainConfig",
-    "TEACHER_FAMILIES",
     "default_config_path",
     "load_teacher_config",
     "validate",
 ]
-
-#: families ``senseflow teacher train`` builds: every registered one (SD3.5 Medium and Large are one family, ``sd3``)
-TEACHER_FAMILIES: tuple[str, ...] = FAMILY_NAMES
-
 
 @dataclass
 class TokenizerSettings:
@@ -172,12 +167,14 @@ def validate(cfg: TeacherTrainConfig, label: str) -> None:
     import transformers
 
     from senseflow.models.families import get_family
+    from senseflow.models.families.loading import vae_factor
 
     def need(ok: bool, key: str, expected: str) -> None:
         if not ok:
             raise ConfigError(f"{label}: {key} = {_value(cfg, key)!r}: expected {expected}")
 
-    need(cfg.family in TEACHER_FAMILIES, "family", "one of " + ", ".join(TEACHER_FAMILIES))
+    families = family_names()  # every registered one (SD3.5 Medium and Large are one family, ``sd3``)
+    need(cfg.family in families, "family", "one of " + ", ".join(families))
     fam = get_family(cfg.family)
     need(cfg.resolution > 0, "resolution", "a positive number of pixels")
     need(cfg.checkpoint_every > 0, "checkpoint_every", "a positive number of steps")
@@ -200,7 +197,7 @@ def validate(cfg: TeacherTrainConfig, label: str) -> None:
     need(0.0 <= g.ema_decay < 1.0, "guidance_distillation.ema_decay", "a decay in [0, 1)")
     need(g.ema_warmup >= 1, "guidance_distillation.ema_warmup", "≥ 1 (steps over which the EMA decay ramps up)")
     need(0 < g.scale_min <= g.scale_max, "guidance_distillation.scale_max", "≥ scale_min > 0")
-    need(g.steps == 0 or cfg.family == "flux", "guidance_distillation.steps",
+    need(g.steps == 0 or fam.guidance_kind == "embedding", "guidance_distillation.steps",
          "0: only FLUX teachers carry a guidance embedding")
     ts = d.timesteps
     need(0 <= ts.low <= ts.high <= int(cfg.scheduler.get("num_train_timesteps", 1000)) - 1,
@@ -213,9 +210,9 @@ def validate(cfg: TeacherTrainConfig, label: str) -> None:
     need(tok.clip_vocab_size > 0 and tok.t5_vocab_size > 0, "tokenizers.clip_vocab_size", "positive vocabulary sizes")
     need(0 < tok.clip_max_length <= 77, "tokenizers.clip_max_length", "1..77 (the pipelines' CLIP length)")
     need(0 < tok.t5_max_length <= 512, "tokenizers.t5_max_length", "1..512 (the pipelines' T5 limit)")
-    if cfg.family == "sdxl":
+    if fam.schedule_kind == "ddpm":
         need(cfg.scheduler.get("prediction_type", "epsilon") == "epsilon", "scheduler.prediction_type",
-             "epsilon (the SDXL family trains and distils ε-prediction)")
+             f"epsilon (the {cfg.family.upper()} family trains and distils ε-prediction)")
     need(cfg.sample.steps > 0, "sample.steps", "a positive number of steps")
     need(cfg.sample.num_prompts > 0 and cfg.sample.images_per_prompt > 0, "sample.num_prompts", "positive counts")
 
@@ -236,15 +233,15 @@ def validate(cfg: TeacherTrainConfig, label: str) -> None:
              fam.denoiser_class_name)
     _unknown(f"{label}: scheduler", list(cfg.scheduler), _init_keys(getattr(diffusers, fam.scheduler_class_name)),
              fam.scheduler_class_name)
-    vae_factor = 2 ** (len(cfg.vae["block_out_channels"]) - 1)
-    multiple = vae_factor * fam.latent_multiple(cfg.denoiser)
+    factor = vae_factor(cfg.vae)
+    multiple = factor * fam.latent_multiple(cfg.denoiser)
     if cfg.resolution % multiple:
         raise ConfigError(f"{label}: resolution = {cfg.resolution}: expected a multiple of {multiple} (the VAE "
-                          f"downscales {vae_factor}× and the {fam.denoiser_class_name} needs latent sides divisible "
-                          f"by {multiple // vae_factor})")
+                          f"downscales {factor}× and the {fam.denoiser_class_name} needs latent sides divisible "
+                          f"by {multiple // factor})")
     try:
         derived = fam.denoiser_widths(cfg.text_encoders, int(cfg.vae.get("latent_channels", 4)),
-                                      cfg.resolution // vae_factor, cfg.denoiser)
+                                      cfg.resolution // factor, cfg.denoiser)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"{label}: {e}") from None
     # keys the builder sets itself: from the tokenizers, the resolution, the VAE measurement or the other components

@@ -1,8 +1,13 @@
-"""Teacher families: one adapter per teacher architecture, found by name.
+"""Teacher families: one adapter per teacher architecture, found by name through one registry.
 
 ``get_family("flux")`` returns the class; ``build_family(spec, device)`` builds one from a teacher config
 (``senseflow.config.TeacherConfig`` or any object/mapping with the same fields) or from a name plus keyword
-arguments. SD3.5 Medium and Large are one family (``sd3``, alias ``sd35``).
+arguments. SD3.5 Medium and Large are one family (``sd3``, aliases ``sd35``, ``sd35-medium`` …).
+
+The registry holds the shipped families (:data:`FAMILY_NAMES`, in the order messages list them), then every other
+module of this package that defines a :class:`TeacherFamily` subclass with its own ``name`` (so adding a family is
+adding its module, docs/adding_a_teacher.md), then the classes given to :func:`register_family` at run time.
+:func:`family_names` lists them all.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import difflib
 import importlib
 import inspect
 import json
+import pkgutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,42 +23,109 @@ import torch
 
 from senseflow.models.families.base import Condition, TeacherFamily
 
-__all__ = ["Condition", "TeacherFamily", "FAMILY_NAMES", "get_family", "build_family", "family_of_folder"]
+__all__ = ["Condition", "TeacherFamily", "FAMILY_NAMES", "family_names", "get_family", "register_family",
+           "unregister_family", "build_family", "family_of_folder"]
 
-#: registry names (and aliases) → module and class
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "sdxl": ("senseflow.models.families.sdxl", "SDXLFamily"),
-    "sd3": ("senseflow.models.families.sd3", "SD3Family"),
-    "flux": ("senseflow.models.families.flux", "FluxFamily"),
+#: the shipped families: registry name → "module:Class", in the order messages list them
+_BUILTIN: dict[str, str] = {
+    "sdxl": "senseflow.models.families.sdxl:SDXLFamily",
+    "sd3": "senseflow.models.families.sd3:SD3Family",
+    "flux": "senseflow.models.families.flux:FluxFamily",
 }
-_ALIASES = {"sd35": "sd3", "sd3.5": "sd3", "sd35-medium": "sd3", "sd35-large": "sd3"}
-FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+FAMILY_NAMES: tuple[str, ...] = tuple(_BUILTIN)
+#: modules of this package that hold shared machinery, not a family
+_NOT_FAMILIES = frozenset({"base", "loading"})
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_registered: dict[str, type[TeacherFamily]] = {}   # register_family
+_loaded: dict[str, type[TeacherFamily]] | None = None  # name → class of every family, once looked up
+
+
+def _own_families(module: Any) -> list[type[TeacherFamily]]:
+    """The concrete TeacherFamily subclasses a module defines, each with its own ``name``."""
+    return [c for c in vars(module).values() if inspect.isclass(c) and issubclass(c, TeacherFamily)
+            and c.__module__ == module.__name__ and "name" in vars(c) and not inspect.isabstract(c)]
+
+
+def _families() -> dict[str, type[TeacherFamily]]:
+    """Every family by registry name: shipped, found in this package, registered at run time (in that order)."""
+    global _loaded
+    if _loaded is None:
+        found: dict[str, type[TeacherFamily]] = {}
+        for name, target in _BUILTIN.items():
+            module, cls = target.split(":")
+            found[name] = getattr(importlib.import_module(module), cls)
+        shipped = {t.split(":")[0] for t in _BUILTIN.values()}
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            module = f"{__name__}.{info.name}"
+            if info.name in _NOT_FAMILIES or module in shipped:
+                continue
+            for cls in _own_families(importlib.import_module(module)):
+                found.setdefault(cls.name, cls)
+        _loaded = found
+    return {**_loaded, **_registered}
+
+
+def family_names() -> tuple[str, ...]:
+    """Registry names of every family (:data:`FAMILY_NAMES` first, then found and registered ones)."""
+    return tuple(_families())
+
+
+def _aliases() -> dict[str, str]:
+    """Alias → family name, from the aliases each family declares itself (a subclass does not inherit its base's)."""
+    out: dict[str, str] = {}
+    for name, cls in _families().items():
+        for alias in vars(cls).get("aliases", ()):
+            out.setdefault(alias.lower(), name)
+    return out
+
+
+def register_family(cls: type[TeacherFamily]) -> type[TeacherFamily]:
+    """Add a family class under its ``name`` (and its ``aliases``) for this process; usable as a decorator.
+
+    Refuses a name or alias that is already taken (by a shipped family too)."""
+    if not (inspect.isclass(cls) and issubclass(cls, TeacherFamily)) or not isinstance(vars(cls).get("name"), str):
+        raise TypeError(f"{cls!r} is not a TeacherFamily subclass with its own 'name'")
+    taken = {*_families(), *_aliases()}
+    clash = [n for n in (cls.name, *vars(cls).get("aliases", ())) if n.lower() in taken]
+    if clash:
+        raise ValueError(f"teacher family name {clash[0]!r} is already registered")
+    _registered[cls.name.lower()] = cls
+    return cls
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family added by :func:`register_family` (shipped families stay)."""
+    if name.lower() not in _registered:
+        raise ValueError(f"teacher family {name!r} was not added by register_family")
+    del _registered[name.lower()]
 
 
 def get_family(name: str) -> type[TeacherFamily]:
-    """The family class registered as ``name`` (``sdxl``, ``sd3``/``sd35``, ``flux``)."""
-    key = _ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), [*_REGISTRY, *_ALIASES], n=1)
+    """The family class registered as ``name`` or one of its aliases (``sdxl``, ``sd3``/``sd35``, ``flux`` …)."""
+    families, aliases = _families(), _aliases()
+    key = aliases.get(str(name).lower(), str(name).lower())
+    if key not in families:
+        close = difflib.get_close_matches(str(name), [*families, *aliases], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown teacher family {name!r}: expected one of {', '.join(_REGISTRY)}{hint}")
-    module, cls = _REGISTRY[key]
-    return getattr(importlib.import_module(module), cls)
+        raise ValueError(f"unknown teacher family {name!r}: expected one of {', '.join(families)}{hint}")
+    return families[key]
 
 
 def family_of_folder(path: str | Path) -> str:
-    """The family whose stock pipeline class a diffusers folder's ``model_index.json`` names."""
+    """The family whose stock pipeline class a diffusers folder's ``model_index.json`` names (the first registered
+    one when several families share a pipeline class)."""
     index = Path(path) / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: expected a diffusers pipeline folder")
     name = json.loads(index.read_text()).get("_class_name")
-    for family in _REGISTRY:
-        if getattr(get_family(family), "pipeline_class_name", None) == name:
+    for family, cls in _families().items():
+        if getattr(cls, "pipeline_class_name", None) == name:
             return family
     raise ValueError(f"{index}: pipeline class {name!r} is not one of a known family's")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
 
 
 def _dtype(value: Any, key: str) -> torch.dtype:
@@ -82,7 +155,7 @@ def build_family(spec: Any, device: torch.device | str = "cpu", **overrides: Any
         return cls(device=device, **overrides)
     name = _field(spec, "family")
     if name is None:
-        raise ValueError("teacher config has no 'family' (expected one of " + ", ".join(_REGISTRY) + ")")
+        raise ValueError("teacher config has no 'family' (expected one of " + ", ".join(family_names()) + ")")
     cls = get_family(name)
     kwargs: dict[str, Any] = {
         "path": _field(spec, "path"),

@@ -85,13 +85,16 @@ class Condition:
 @dataclass(frozen=True)
 class TextComponent:
     """One text encoder of a family's pipeline: its component and tokenizer names in the diffusers folder, its
-    ``transformers`` class, and the architecture section that sizes it in a teacher config (``clip_l``, ``clip_g``,
-    ``t5``)."""
+    ``transformers`` class, the architecture section that sizes it in a teacher config and a tiny teacher
+    (``clip_l``, ``clip_g``, ``t5``), and for the memory plan its row label and the shipped public config
+    (:mod:`senseflow.memory.arch`) used when the teacher folder has none."""
 
     encoder: str
     tokenizer: str
     class_name: str
     section: str
+    label: str = ""
+    public_config: str | None = None
 
     @property
     def is_t5(self) -> bool:
@@ -107,6 +110,16 @@ class TeacherFamily(ABC):
 
     #: registry name used by ``teacher.family`` in configs
     name: str
+    #: other names :func:`~senseflow.models.families.get_family` accepts (SD3: ``sd35``, ``sd35-large`` …)
+    aliases: tuple[str, ...] = ()
+    #: how the teacher guides (:meth:`guided_predict`): ``cfg`` (classifier-free guidance u + s·(c − u)) or
+    #: ``embedding`` (a distilled guidance input, FLUX.1-dev); ``method.*.guidance.kind`` must name it
+    guidance_kind: str = "cfg"
+    #: ``flow`` (σ ∈ (0, 1], velocity; anchors are sigmas) or ``ddpm`` (integer t, ε-prediction; anchors are
+    #: timesteps, and ISG's ``reference`` reduction of the released SDXL code applies)
+    schedule_kind: str = "flow"
+    #: whether the denoiser is a UNet with a bottleneck the DMD2 classifier head can sit on (SDXL)
+    unet_bottleneck: bool = False
     #: diffusers subfolder of the denoiser ("unet" or "transformer")
     denoiser_subfolder: str
     #: denoiser config entries a student (G, F) differs in from the teacher (FLUX: ``guidance_embeds=False``,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from senseflow.method.schedules import Schedule
 from senseflow.models.families.base import Condition, TextComponent
 from senseflow.models.families.loading import DiffusersFamily, flow_schedule_from_config, net_config, unwrap
+from senseflow.tiny import TINY_CLIP, TINY_T5, TINY_VAE, TinyTeacher
 
 __all__ = ["FluxFamily", "pack_latents", "unpack_latents", "latent_image_ids", "GUIDANCE_PREFIX"]
 
@@ -59,6 +60,26 @@ def latent_image_ids(
     return ids.reshape(-1, 3).to(device)
 
 
+#: the tiny FLUX.1-dev teacher (``senseflow tiny --kind flux``): CLIP-L hidden 24 = pooled width, T5 d_model 32 =
+#: joint width, 2×2 packing of 16 latent channels, the guidance embedding; VAE (z − 0.1159)·0.3611; dynamic shift
+_TINY = TinyTeacher(
+    text={
+        "clip_l": dict(TINY_CLIP, hidden_size=24, intermediate_size=48, num_attention_heads=2, projection_dim=24),
+        "t5": dict(TINY_T5, d_model=32, d_ff=48),
+    },
+    vae=dict(TINY_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+             use_post_quant_conv=False),
+    denoiser=dict(
+        patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
+        guidance_embeds=True,  # FLUX.1-dev is guidance-distilled
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    ),
+    scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                   base_image_seq_len=256, max_image_seq_len=4096),
+)
+
+
 class FluxFamily(DiffusersFamily):
     """FLUX teacher from a local diffusers folder (transformer, vae, text_encoder = CLIP-L, text_encoder_2 = T5,
     tokenizer[_2], scheduler). ``t5_max_length`` is 512 for FLUX.1-dev."""
@@ -70,9 +91,15 @@ class FluxFamily(DiffusersFamily):
     pipeline_class_name = "FluxPipeline"
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     text_components = (
-        TextComponent("text_encoder", "tokenizer", "CLIPTextModel", "clip_l"),
-        TextComponent("text_encoder_2", "tokenizer_2", "T5EncoderModel", "t5"),
+        TextComponent("text_encoder", "tokenizer", "CLIPTextModel", "clip_l", "CLIP-L text", "clip_vit_l14_text"),
+        TextComponent("text_encoder_2", "tokenizer_2", "T5EncoderModel", "t5", "T5-XXL encoder",
+                      "t5_v1_1_xxl_encoder"),
     )
+    guidance_kind = "embedding"   # FLUX.1-dev's distilled guidance input, not CFG
+    schedule_kind = "flow"
+    inference_flags = ("flux_ckpt", "dit_config")
+    public_vae = "flux_vae"
+    tiny_teachers = MappingProxyType({"flux": _TINY})
     #: the transformer's timestep argument is σ itself
     timestep_scale = 1.0
     #: docs/method.md decision 4: G and F have no distilled-guidance embedding
@@ -95,10 +122,29 @@ class FluxFamily(DiffusersFamily):
         return dict(in_channels=4 * latent_channels, out_channels=None, joint_attention_dim=int(text["t5"]["d_model"]),
                     pooled_projection_dim=int(text["clip_l"]["hidden_size"]), guidance_embeds=True)
 
-    def block_types(self) -> tuple[type, ...]:
+    @classmethod
+    def block_types(cls) -> tuple[type, ...]:
         from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
         return (FluxTransformerBlock, FluxSingleTransformerBlock)
+
+    # ---- memory plan ---------------------------------------------------------------------------------------
+    @classmethod
+    def public_denoiser(cls, hint: str) -> str:
+        return "flux_dev_transformer"
+
+    @classmethod
+    def memory_inputs(cls, config: Mapping[str, Any], batch: int, latent_side: int, clip_length: int,
+                      t5_length: int, dtype: torch.dtype, device: str = "meta") -> dict[str, Any]:
+        """FLUX(packed latents (side/2)² tokens, T5 tokens, pooled CLIP-L, timestep, image and text ids)."""
+        kw = dict(device=device, dtype=dtype)
+        n_img = (latent_side // 2) ** 2
+        x = torch.zeros(batch, n_img, config["in_channels"], requires_grad=True, **kw)
+        context = torch.zeros(batch, t5_length, config["joint_attention_dim"], **kw)
+        return dict(hidden_states=x, encoder_hidden_states=context,
+                    pooled_projections=torch.zeros(batch, config["pooled_projection_dim"], **kw),
+                    timestep=torch.ones(batch, device=device), img_ids=torch.zeros(n_img, 3, device=device),
+                    txt_ids=torch.zeros(t5_length, 3, device=device))
 
     @classmethod
     def latent_multiple(cls, denoiser_config: Mapping[str, Any]) -> int:

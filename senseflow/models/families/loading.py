@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -156,6 +157,14 @@ class DiffusersFamily(TeacherFamily):
     default_t5_max_length: int | None = None
     #: what the README of an exported folder says about the pipeline call (``senseflow export``)
     export_readme_note: str = ""
+    #: the inference script's flags for the teacher folder and the student config (the authors' README names)
+    inference_flags: tuple[str, str] = ("teacher", "student_config")
+    #: memory plan: the shipped public VAE config (:mod:`senseflow.memory.arch`) used when the folder has none
+    public_vae: str | None = None
+    #: memory plan: the denoiser blocks whose inputs autograd checkpointing keeps (default: :meth:`block_types`)
+    checkpoint_units: tuple[str, ...] | None = None
+    #: tiny teachers of the family (``senseflow tiny --kind KIND``): kind → component configs
+    tiny_teachers: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(
         self,
@@ -263,7 +272,8 @@ class DiffusersFamily(TeacherFamily):
             )
         return text
 
-    def block_types(self) -> tuple[type, ...]:
+    @classmethod
+    def block_types(cls) -> tuple[type, ...]:
         """Denoiser block classes, one FSDP unit each."""
         return ()
 
@@ -300,7 +310,7 @@ class DiffusersFamily(TeacherFamily):
     @property
     def vae_scale_factor(self) -> int:
         """Pixel-to-latent downscaling 2^(levels − 1) of the VAE."""
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+        return vae_factor(self.vae_config)
 
     @property
     def latent_channels(self) -> int:
@@ -334,6 +344,21 @@ class DiffusersFamily(TeacherFamily):
     def max_pixel_side(cls, vae_config: Mapping[str, Any], denoiser_config: Mapping[str, Any]) -> int | None:
         """The largest image side the denoiser's position embedding covers, or None when there is no limit."""
         return None
+
+    # ---- memory plan (``senseflow memory``) -----------------------------------------------------------------
+    @classmethod
+    def public_denoiser(cls, hint: str) -> str:
+        """The shipped public denoiser config planned when the teacher folder has none; ``hint`` is the experiment
+        name and teacher path (lower case), for families with several sizes."""
+        raise ValueError(f"teacher.family={cls.name}: no shipped denoiser config and no local "
+                         f"{cls.denoiser_subfolder}/config.json; pass --denoiser CONFIG")
+
+    @classmethod
+    def memory_inputs(cls, config: Mapping[str, Any], batch: int, latent_side: int, clip_length: int,
+                      t5_length: int, dtype: torch.dtype, device: str = "meta") -> dict[str, Any]:
+        """Keyword arguments of one student forward (no guidance input) at the run's shapes: ``batch`` latents of
+        side ``latent_side`` (the latent requires grad) and the config's text lengths."""
+        raise NotImplementedError(f"{cls.name}: no memory-plan inputs")
 
     @classmethod
     def size_kwargs(cls, height: int, width: int) -> dict[str, Any]:

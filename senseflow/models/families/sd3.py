@@ -14,6 +14,7 @@ The transformer takes the timestep 1000·σ; it predicts the velocity v ≈ ε �
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -24,8 +25,28 @@ from senseflow.method.sampling import flow_anchor_grid
 from senseflow.method.schedules import Schedule
 from senseflow.models.families.base import Condition, TextComponent
 from senseflow.models.families.loading import DiffusersFamily, flow_schedule_from_config
+from senseflow.tiny import TINY_CLIP, TINY_T5, TINY_VAE, TinyTeacher
 
 __all__ = ["SD3Family"]
+
+#: tiny SD3.5 components: CLIP-L (hidden 16, projection 16), CLIP-G (hidden 32, projection 24), T5 (d_model 64 ≥
+#: 16 + 32: padded, never cropped); VAE (z − 0.0609)·1.5305 with 16 latent channels; scheduler shift 3
+_TINY_TEXT = {
+    "clip_l": dict(TINY_CLIP, hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16),
+    "clip_g": dict(TINY_CLIP, hidden_size=32, intermediate_size=64, num_attention_heads=4, projection_dim=24),
+    "t5": dict(TINY_T5, d_model=64, d_ff=64),
+}
+_TINY_VAE = dict(TINY_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                 use_post_quant_conv=False)
+_TINY_TRANSFORMER = dict(
+    sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=64,  # = T5 d_model
+    caption_projection_dim=32,  # = heads · head_dim
+    pooled_projection_dim=16 + 24,  # CLIP-L projection + CLIP-G projection
+    pos_embed_max_size=32, qk_norm="rms_norm",
+)
+_TINY_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 
 
 class SD3Family(DiffusersFamily):
@@ -38,11 +59,25 @@ class SD3Family(DiffusersFamily):
     default_t5_max_length = 77
     pipeline_class_name = "StableDiffusion3Pipeline"
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
+    aliases = ("sd35", "sd3.5", "sd35-medium", "sd35-large")
     text_components = (
-        TextComponent("text_encoder", "tokenizer", "CLIPTextModelWithProjection", "clip_l"),
-        TextComponent("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g"),
-        TextComponent("text_encoder_3", "tokenizer_3", "T5EncoderModel", "t5"),
+        TextComponent("text_encoder", "tokenizer", "CLIPTextModelWithProjection", "clip_l", "CLIP-L text",
+                      "clip_vit_l14_text_with_projection"),
+        TextComponent("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g", "CLIP-G text",
+                      "clip_bigg14_text_with_projection"),
+        TextComponent("text_encoder_3", "tokenizer_3", "T5EncoderModel", "t5", "T5-XXL encoder", "t5_v1_1_xxl_encoder"),
     )
+    guidance_kind = "cfg"
+    schedule_kind = "flow"
+    inference_flags = ("sd35_ckpt", "transformer_config")
+    public_vae = "sd3_vae"
+    #: SD3.5 Medium (MMDiT-X: dual attention in the first block) and Large (plain MMDiT); both with RMS qk-norm
+    tiny_teachers = MappingProxyType({
+        "sd35-medium": TinyTeacher(_TINY_TEXT, _TINY_VAE, dict(_TINY_TRANSFORMER, dual_attention_layers=(0,)),
+                                   _TINY_SCHEDULER),
+        "sd35-large": TinyTeacher(_TINY_TEXT, _TINY_VAE, dict(_TINY_TRANSFORMER, dual_attention_layers=()),
+                                  _TINY_SCHEDULER),
+    })
     #: the transformer's timestep argument is timestep_scale·σ
     timestep_scale = 1000.0
     export_readme_note = (
@@ -81,10 +116,33 @@ class SD3Family(DiffusersFamily):
             pos_embed_max_size=latent_size // patch,
         )
 
-    def block_types(self) -> tuple[type, ...]:
+    @classmethod
+    def block_types(cls) -> tuple[type, ...]:
         from diffusers.models.attention import JointTransformerBlock
 
         return (JointTransformerBlock,)
+
+    # ---- memory plan ---------------------------------------------------------------------------------------
+    @classmethod
+    def public_denoiser(cls, hint: str) -> str:
+        """SD3.5 Medium or Large, by the word in the experiment name or teacher path."""
+        for size in ("large", "medium"):
+            if size in hint:
+                return f"sd35_{size}_transformer"
+        raise ValueError("teacher.family=sd3: cannot tell SD3.5 Medium from Large (no 'medium'/'large' in "
+                         "experiment.name or teacher.path, no local transformer/config.json); pass --denoiser "
+                         "sd35_medium_transformer or sd35_large_transformer")
+
+    @classmethod
+    def memory_inputs(cls, config: Mapping[str, Any], batch: int, latent_side: int, clip_length: int,
+                      t5_length: int, dtype: torch.dtype, device: str = "meta") -> dict[str, Any]:
+        """MMDiT(latents, [CLIP ; T5] tokens of the joint width, pooled, timestep)."""
+        kw = dict(device=device, dtype=dtype)
+        x = torch.zeros(batch, config["in_channels"], latent_side, latent_side, requires_grad=True, **kw)
+        context = torch.zeros(batch, clip_length + t5_length, config["joint_attention_dim"], **kw)
+        return dict(hidden_states=x, encoder_hidden_states=context,
+                    pooled_projections=torch.zeros(batch, config["pooled_projection_dim"], **kw),
+                    timestep=torch.ones(batch, device=device))
 
     @classmethod
     def latent_multiple(cls, denoiser_config: Mapping[str, Any]) -> int:

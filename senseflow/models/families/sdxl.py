@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -23,8 +24,32 @@ from senseflow.method.sampling import anchor_indices
 from senseflow.method.schedules import DDPMSchedule, Schedule
 from senseflow.models.families.base import Condition, TextComponent
 from senseflow.models.families.loading import DiffusersFamily, vae_factor
+from senseflow.tiny import TINY_CLIP, TINY_VAE, TinyTeacher
 
 __all__ = ["SDXLFamily"]
+
+#: the tiny SDXL teacher (``senseflow tiny --kind sdxl``): CLIP-L hidden 16, CLIP-G hidden 32 with projection 24,
+#: UNet cross-attention width 16 + 32, added-embedding input 6 time ids · 8 + 24; SDXL base's scheduler config and
+#: VAE normalisation z·0.13025
+_TINY = TinyTeacher(
+    text={
+        "clip_l": dict(TINY_CLIP, hidden_size=16, intermediate_size=32, num_attention_heads=2, projection_dim=16),
+        "clip_g": dict(TINY_CLIP, hidden_size=32, intermediate_size=64, num_attention_heads=4, projection_dim=24),
+    },
+    vae=dict(TINY_VAE, latent_channels=4, scaling_factor=0.13025),
+    denoiser=dict(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 24,  # 6 time ids · addition_time_embed_dim + CLIP-G projection
+        cross_attention_dim=16 + 32,  # CLIP-L hidden + CLIP-G hidden
+        norm_num_groups=8,
+    ),
+    scheduler=dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   prediction_type="epsilon", interpolation_type="linear", steps_offset=1, timestep_spacing="leading",
+                   use_karras_sigmas=False),
+)
 
 
 def _size_pairs(value: Tensor | Sequence | None, batch: int, default: tuple[int, int], name: str) -> Tensor:
@@ -55,9 +80,17 @@ class SDXLFamily(DiffusersFamily):
     vae_uses_shift = False   # the SDXL pipeline decodes z = x / scaling_factor
     scheduler_class_name = "EulerDiscreteScheduler"
     text_components = (
-        TextComponent("text_encoder", "tokenizer", "CLIPTextModel", "clip_l"),
-        TextComponent("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g"),
+        TextComponent("text_encoder", "tokenizer", "CLIPTextModel", "clip_l", "CLIP-L text", "clip_vit_l14_text"),
+        TextComponent("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "clip_g", "CLIP-bigG text",
+                      "clip_bigg14_text_with_projection"),
     )
+    guidance_kind = "cfg"
+    schedule_kind = "ddpm"
+    unet_bottleneck = True   # the DMD2 classifier head sits on it
+    inference_flags = ("sdxl_ckpt", "unet_config")
+    public_vae = "sdxl_vae"
+    checkpoint_units = ("ResnetBlock2D", "BasicTransformerBlock")  # what diffusers checkpoints inside the UNet
+    tiny_teachers = MappingProxyType({"sdxl": _TINY})
     export_readme_note = (
         "`timesteps` are the training anchors; `guidance_scale=0` switches CFG off. The scheduler is an "
         "`EulerDiscreteScheduler` with the teacher's betas, which on ε-predictions is the DDIM move of the "
@@ -131,7 +164,8 @@ class SDXLFamily(DiffusersFamily):
         """``timesteps`` = our anchors (999, 749, 499, 249 for 4 steps), CFG off."""
         return {"timesteps": anchor_indices(steps), "guidance_scale": 0.0}
 
-    def block_types(self) -> tuple[type, ...]:
+    @classmethod
+    def block_types(cls) -> tuple[type, ...]:
         from diffusers.models.unets.unet_2d_blocks import (
             CrossAttnDownBlock2D,
             CrossAttnUpBlock2D,
@@ -140,6 +174,24 @@ class SDXLFamily(DiffusersFamily):
         )
 
         return (DownBlock2D, CrossAttnDownBlock2D, UpBlock2D, CrossAttnUpBlock2D)
+
+    # ---- memory plan ---------------------------------------------------------------------------------------
+    @classmethod
+    def public_denoiser(cls, hint: str) -> str:
+        return "sdxl_unet"
+
+    @classmethod
+    def memory_inputs(cls, config: Mapping[str, Any], batch: int, latent_side: int, clip_length: int,
+                      t5_length: int, dtype: torch.dtype, device: str = "meta") -> dict[str, Any]:
+        """UNet(sample, t, CLIP hidden states, added_cond_kwargs = pooled text embeds and 6 time ids)."""
+        kw = dict(device=device, dtype=dtype)
+        x = torch.zeros(batch, config["in_channels"], latent_side, latent_side, requires_grad=True, **kw)
+        n_time = 6 * int(config.get("addition_time_embed_dim") or 0)
+        text_embeds = int(config.get("projection_class_embeddings_input_dim") or 0) - n_time
+        return dict(sample=x, timestep=torch.ones(batch, device=device),
+                    encoder_hidden_states=torch.zeros(batch, clip_length, config["cross_attention_dim"], **kw),
+                    added_cond_kwargs={"text_embeds": torch.zeros(batch, text_embeds, **kw),
+                                       "time_ids": torch.zeros(batch, 6, **kw)})
 
     # ---- schedule ------------------------------------------------------------------------------------------
     def schedule(self, height: int, width: int) -> Schedule:
