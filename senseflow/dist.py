@@ -246,13 +246,12 @@ def shard(model: nn.Module, info: DistInfo, opts: ShardOptions, trainable: bool 
 
 
 def reshard(model: nn.Module) -> None:
-    """Free any gathered parameters of an FSDP2 module (no-op otherwise), so that its registered parameters are the
-    ``DTensor`` shards the optimiser updates and the next forward gathers them afresh. Call it only when no backward
-    through ``model`` is pending."""
-    if is_sharded(model):
-        for m in model.modules():
-            if is_sharded(m):
-                m.reshard()
+    """Free any gathered parameters of the FSDP2 modules in ``model`` (itself or, e.g. in an ``nn.ModuleDict``, its
+    children; no-op without any), so that their registered parameters are the ``DTensor`` shards the optimiser
+    updates and the next forward gathers them afresh. Call it only when no backward through ``model`` is pending."""
+    for m in model.modules():
+        if is_sharded(m):
+            m.reshard()
 
 
 def _prepare(model: nn.Module, trainable: bool, opts: ShardOptions) -> nn.Module:

@@ -231,8 +231,8 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
 def test_plan_counts_the_discriminator_the_trainer_builds(hook_patch, tiny_flux_plan, tmp_path):
     """The plan builds D through the trainer's constructor path (VFMDiscriminator.from_config): hook_patch (one head
     fewer when false) and kernel_size reach it, so its head count equals the trainer's real discriminator."""
+    from senseflow.method.distillation import build_discriminator
     from senseflow.tiny import build_tiny_discriminator_backbones
-    from senseflow.trainer.base import DistillationTrainer
 
     folder, _, _ = tiny_flux_plan
     bb = build_tiny_discriminator_backbones(tmp_path / "backbones")
@@ -243,10 +243,7 @@ def test_plan_counts_the_discriminator_the_trainer_builds(hook_patch, tiny_flux_
     ])
     plan = plan_memory(cfg, 1, denoiser=str(folder), optimizer="adamw", scenarios=False)
     row = {r.key: r for r in plan.networks}["disc_heads"]
-    trainer = DistillationTrainer.__new__(DistillationTrainer)  # only what _build_discriminator reads
-    trainer.cfg, trainer.device = cfg, torch.device("cpu")
-    trainer._build_discriminator()
-    real = trainer.discriminator
+    _, real = build_discriminator(cfg, torch.device("cpu"))  # what the trainer's method builds
     assert len(real.heads) == 2 + int(hook_patch) and row.label == f"D heads ×{len(real.heads)}"
     assert row.params == row.trainable == sum(p.numel() for p in real.trainable_parameters())
     assert row.params == len(real.heads) * analytic_head_params(32, real.heads[0].cmapper.weight.shape[1], 64, 3, 5)

@@ -149,10 +149,11 @@ def test_a_two_process_checkpoint_resumes_on_one_process_and_trains_on(reference
     assert ema_file.keys() == student.keys()
     assert all(torch.equal(ema_file[k], v.to(ema_file[k].dtype)) for k, v in trainer.ema.shadow.items())
     assert any(not torch.equal(ema_file[k], student[k]) for k in trainer.ema.shadow)
-    steps = {int(s["step"]) for s in trainer.opt_g.state.values()}
+    players = {p.name: p for p in trainer.method.players}
+    steps = {int(s["step"]) for s in players["generator"].optimizer.state.values()}
     assert steps == {ITERATIONS // GD}
-    assert {int(s["step"]) for s in trainer.opt_f.state.values()} == {ITERATIONS}
-    assert trainer.sched_g.last_epoch == ITERATIONS
+    assert {int(s["step"]) for s in players["fake"].optimizer.state.values()} == {ITERATIONS}
+    assert all(p.scheduler.last_epoch == ITERATIONS for p in players.values())
     state = torch.load(saved / "trainer_state.pt", weights_only=True)
     assert trainer.data.state_dict()["position"] == state["data"]["position"]
     assert torch.equal(trainer.rng.shared.get_state(), state["rng_shared"])
@@ -217,20 +218,22 @@ def test_saving_every_iteration_does_not_change_training(dist_assets, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_keep_last_prunes_only_after_the_new_checkpoint_is_complete(tmp_path):
-    from senseflow.trainer.checkpoint import Checkpointer, init_optimizer_state
+    from senseflow.trainer.checkpoint import Checkpointer, ModelState, OptimizerState, init_optimizer_state
 
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(net.parameters())
     init_optimizer_state(opt)
-    ck = Checkpointer(tmp_path, keep_last=2, rank=0)
+    parts = {"model/net": ModelState(net), "optim/net": OptimizerState(net, opt)}
+    ck = Checkpointer(tmp_path, keep_last=2, rank=0, config_yaml="x: 1\n")
     assert ck.latest() is None
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / ".tmp-iter_000009").mkdir()  # debris of a killed save
     for it in (1, 2, 3):
-        ck.save(it, {"net": net}, {"net": (net, opt)}, {}, {"iteration": it}, {}, lambda: net.state_dict(), "x: 1\n")
+        ck.save(it, parts, {"iteration": it}, {}, lambda: {"student.safetensors": net.state_dict()})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000002", "iter_000003", "latest"]
     assert ck.latest().name == "iter_000003"
-    state, mine = ck.load(ck.latest(), {"net": net}, {"net": (net, opt)}, {})
+    assert (ck.latest() / "student.safetensors").exists() and (ck.latest() / "config.yaml").read_text() == "x: 1\n"
+    state, mine = ck.load(ck.latest(), parts)
     assert state == {"iteration": 3} and mine == {}
     (tmp_path / "checkpoints" / "latest").write_text("iter_000007")
     with pytest.raises(RuntimeError, match="not a complete checkpoint"):

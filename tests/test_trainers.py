@@ -68,6 +68,10 @@ def frozen_parts(trainer) -> dict[str, torch.nn.Module]:
     return parts
 
 
+def players(trainer) -> dict:
+    return {p.name: p for p in trainer.method.players}
+
+
 def optimizer_steps(opt: torch.optim.Optimizer) -> int:
     steps = {int(s["step"]) for s in opt.state.values() if "step" in s}
     assert len(steps) <= 1, steps
@@ -78,7 +82,7 @@ def optimizer_steps(opt: torch.optim.Optimizer) -> int:
 def test_trainer_runs_2gd_iterations_moves_trained_nets_and_freezes_the_rest(name, tiny_assets, tmp_path, monkeypatch):
     """2·GD iterations: G stepped twice, F and D heads every iteration, IDA right after each G step; the teacher,
     VAE, text encoders and DINOv2 / CLIP backbones are bit-identical afterwards; every logged loss is finite."""
-    import senseflow.trainer.base as base
+    import senseflow.method.distillation as distillation
 
     trainer = make_trainer(name, tiny_assets, tmp_path / "run")
     gd = trainer.cfg.method.gd
@@ -90,11 +94,14 @@ def test_trainer_runs_2gd_iterations_moves_trained_nets_and_freezes_the_rest(nam
     assert frozen["vae"] and frozen["teacher"]
 
     ida_calls = []
-    real_ida = base.ida_update
+    real_ida = distillation.ida_update
+    opt = {name: p.optimizer for name, p in players(trainer).items()}
+    expected = ["generator", "fake"] + (["disc_heads"] if trainer.discriminator is not None else [])
+    assert list(opt) == expected  # the method declares G, F (and D's heads) in the order of §1.3
 
     def checked_ida(fake, generator, lam):
         # the call happens right after the generator step: G has stepped once more than IDA has run
-        assert optimizer_steps(trainer.opt_g) == len(ida_calls) + 1
+        assert optimizer_steps(opt["generator"]) == len(ida_calls) + 1
         phi = {n: p.detach().clone() for n, p in fake.named_parameters()}
         real_ida(fake, generator, lam)
         for n, theta in generator.named_parameters():
@@ -102,14 +109,14 @@ def test_trainer_runs_2gd_iterations_moves_trained_nets_and_freezes_the_rest(nam
             torch.testing.assert_close(dict(fake.named_parameters())[n].detach(), expected, rtol=0, atol=1e-7)
         ida_calls.append(lam)
 
-    monkeypatch.setattr(base, "ida_update", checked_ida)
+    monkeypatch.setattr(distillation, "ida_update", checked_ida)
     trainer.train()
 
     k = trainer.cfg.train.iterations // gd
-    assert optimizer_steps(trainer.opt_g) == k
-    assert optimizer_steps(trainer.opt_f) == gd * k
-    if trainer.opt_d is not None:
-        assert optimizer_steps(trainer.opt_d) == gd * k
+    assert optimizer_steps(opt["generator"]) == k
+    assert optimizer_steps(opt["fake"]) == gd * k
+    if "disc_heads" in opt:
+        assert optimizer_steps(opt["disc_heads"]) == gd * k
     expected_ida = k if trainer.cfg.method.ida.enabled else 0
     assert len(ida_calls) == expected_ida
     assert not same(trained["generator"], snapshot(trainer.generator))
@@ -149,10 +156,11 @@ def test_two_accumulation_steps_of_batch_1_equal_one_step_of_batch_2(tiny_assets
     for key, trainer in runs.items():
         real_step = trainer._clip_and_step
 
-        def recording_step(net, params, opt, key=key, trainer=trainer, real_step=real_step):
-            if net is trainer.generator:
+        def recording_step(player, key=key, real_step=real_step):
+            if player.name == "generator":
+                net = player.module
                 grads[key] = {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
-            return real_step(net, params, opt)
+            return real_step(player)
 
         trainer._clip_and_step = recording_step
         trainer.train()

@@ -2,7 +2,8 @@
 
 The :class:`Distiller` owns *what* is computed: the generator input (§4.2), the generator loss
 L_G = L_DMD + L_adv + λ_ISG·L_ISG (§1.2), the fake-score loss L_F (§6), the discriminator's hinge loss (§9.3) and
-the DMD2 baseline's classifier losses (§11). It never steps an optimiser: the trainer owns the order of updates.
+the DMD2 baseline's classifier losses (§11). It never steps an optimiser: :mod:`senseflow.method.distillation`
+declares the players and the trainer steps them.
 """
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ class Decisions:
     isg_guidance: float
     isg_mid: Tensor | None  # τ_m of ISG's segment (§8), None when ISG is off
 
+    def values(self) -> tuple:
+        """Plain values every rank must agree on (checked by the trainer)."""
+        mid = None if self.isg_mid is None else [float(v) for v in torch.as_tensor(self.isg_mid).reshape(-1)]
+        return bool(self.backsim), int(self.k), float(self.dmd_guidance), float(self.isg_guidance), mid
+
+    def logs(self) -> dict[str, float]:
+        return {"decision/backsim": float(self.backsim), "decision/k": float(self.k)}
+
 
 @dataclass
 class MicroBatch:
@@ -56,6 +65,7 @@ class MicroBatch:
     x0_hat: Tensor | None = None
     fake_pixels: Tensor | None = None  # decoded x̂₀ (detached) for D's fake branch
     ref_feats: Any = None
+    decisions: Decisions | None = None  # the iteration's shared decisions (G's and D's losses read them)
     logs: dict[str, float] = field(default_factory=dict)
 
 
@@ -182,7 +192,9 @@ class Distiller:
         fake_logits = self.discriminator(mb.fake_pixels.detach(), mb.text_embed, mb.ref_feats, mb.noise)
         loss_real = gan.discriminator_hinge_loss(real_logits, w, real=True)
         loss_fake = gan.discriminator_hinge_loss(fake_logits, w, real=False)
-        return loss_real + loss_fake, {
+        loss = loss_real + loss_fake
+        return loss, {
+            "loss/discriminator": float(loss.detach()),
             "loss/d_real": float(loss_real.detach()),
             "loss/d_fake": float(loss_fake.detach()),
         }

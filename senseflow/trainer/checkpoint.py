@@ -3,15 +3,16 @@
 Layout under ``<run_dir>/checkpoints``::
 
     iter_000300/                 one complete checkpoint
-        .metadata, __*_*.distcp  DCP: every trained network (G, F, D heads), every optimiser, the EMA — sharded
-                                 DTensors are saved by their owners and re-sharded on load, so a checkpoint resumes
-                                 on any number of processes
+        .metadata, __*_*.distcp  DCP: a dict of stateful parts — every player's module and optimiser
+                                 (``model/<name>``, ``optim/<name>``: G, F, D heads) and the method's extra state
+                                 (``extra/<key>``: G's EMA); sharded DTensors are saved by their owners and
+                                 re-sharded on load, so a checkpoint resumes on any number of processes
         trainer_state.pt         rank 0: iteration, world size, data position (global), the shared RNG stream,
-                                 every LR scheduler
+                                 every player's LR scheduler, the method's small values (the EMA's update count)
         rank{r}_state.pt         rank r: its per-sample noise streams and torch's global RNG state
-        student.safetensors      the consolidated generator, for inference and export (rank 0)
-        student_ema.safetensors  the same with G's EMA weights, when ``train.ema.enabled`` (rank 0); inference,
-                                 export and the digits demo take it in preference to student.safetensors
+        student.safetensors      the method's exports, written by rank 0: the consolidated generator, for
+        student_ema.safetensors  inference and export, and the same with G's EMA weights when ``train.ema.enabled``
+                                 (inference, export and the digits demo prefer it to student.safetensors)
         config.yaml              the resolved config of the run
     latest                       text file naming the newest complete checkpoint; moved last
 
@@ -36,7 +37,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-__all__ = ["Checkpointer", "init_optimizer_state", "kill_if_requested", "TEST_KILL_AT_ENV", "TEST_KILL_IN_SAVE_ENV"]
+if TYPE_CHECKING:
+    from senseflow.method.players import Player, Stateful
+
+__all__ = ["Checkpointer", "ModelState", "OptimizerState", "player_parts", "init_optimizer_state",
+           "kill_if_requested", "TEST_KILL_AT_ENV", "TEST_KILL_IN_SAVE_ENV"]
 
 _NAME = re.compile(r"^iter_(\d{6,})$")
 TRAINER_STATE = "trainer_state.pt"
@@ -128,15 +133,51 @@ def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
             state["step"] = torch.zeros_like(step) if isinstance(step, torch.Tensor) else 0
 
 
-class Checkpointer:
-    """Saves and restores the trained networks, their optimisers, sharded extras (EMA) and trainer / rank state."""
+class ModelState:
+    """A module as a DCP stateful part (FSDP2 DTensor shards or plain tensors; loaded strictly)."""
 
-    def __init__(self, run_dir: Path, keep_last: int, rank: int) -> None:
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.module, state, options=StateDictOptions(strict=True))
+
+
+class OptimizerState:
+    """An optimiser of ``module`` as a DCP stateful part (its state must exist: :func:`init_optimizer_state`)."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.module, self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.module, self.optimizer, state)
+
+
+def player_parts(players: list[Player], extra: dict[str, Stateful]) -> dict[str, Stateful]:
+    """The DCP parts of a run: ``model/<name>`` of every player, then ``optim/<name>``, then ``extra/<key>``."""
+    parts: dict[str, Stateful] = {f"model/{p.name}": ModelState(p.module) for p in players}
+    parts.update({f"optim/{p.name}": OptimizerState(p.module, p.optimizer) for p in players})
+    parts.update({f"extra/{k}": v for k, v in extra.items()})
+    return parts
+
+
+class Checkpointer:
+    """Saves and restores a dict of stateful parts through DCP, plus the trainer's and each rank's own state and the
+    consolidated exports; ``config_yaml`` is written into every checkpoint."""
+
+    def __init__(self, run_dir: Path, keep_last: int, rank: int, config_yaml: str = "") -> None:
         self.root = Path(run_dir) / "checkpoints"
         if int(keep_last) < 0:
             raise ValueError(f"train.keep_last must be >= 0 (0 = keep all), got {keep_last}")
         self.keep_last = int(keep_last)
         self.rank = rank
+        self.config_yaml = config_yaml
 
     # ---- discovery ---------------------------------------------------------------------------------------
     def latest(self) -> Path | None:
@@ -154,22 +195,16 @@ class Checkpointer:
     def save(
         self,
         iteration: int,
-        models: dict[str, nn.Module],
-        optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
-        sharded_state: dict[str, Any],
+        parts: dict[str, Stateful],
         trainer_state: dict[str, Any],
         rank_state: dict[str, Any],
-        student: Callable[[], dict[str, torch.Tensor]],
-        config_yaml: str,
-        student_ema: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        exports: Callable[[], dict[str, dict[str, torch.Tensor]]] = dict,
     ) -> Path:
         """Write checkpoint ``iteration`` atomically; every rank calls this.
 
-        ``sharded_state``: extra tensors / DTensors saved through DCP (e.g. ``{"ema": {...}}``); ``trainer_state``:
-        rank 0's global state (torch.save-able, identical on every rank); ``rank_state``: this rank's own state;
-        ``student()``: the consolidated generator state dict (a collective; only rank 0's result is written);
-        ``student_ema(full_student)``: the same with the EMA weights θ̄ (a collective), written as
-        ``student_ema.safetensors`` when given.
+        ``parts``: stateful parts saved through DCP under their keys (:func:`player_parts`); ``trainer_state``: rank
+        0's global state (torch.save-able, identical on every rank); ``rank_state``: this rank's own state;
+        ``exports()``: consolidated weights by file name (a collective; only rank 0's are written, as safetensors).
         """
         name = f"iter_{iteration:06d}"
         final, tmp = self.root / name, self.root / f".tmp-{name}"
@@ -179,24 +214,18 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
-        state: dict[str, Any] = {f"model/{k}": get_model_state_dict(m) for k, m in models.items()}
-        for k, (m, opt) in optimizers.items():
-            state[f"optim/{k}"] = get_optimizer_state_dict(m, opt)
-        for k, v in sharded_state.items():
-            state[f"extra/{k}"] = v
+        state = {k: part.state_dict() for k, part in parts.items()}
         dcp.save(state, checkpoint_id=str(tmp))
         del state
         _save_torch(rank_state, tmp / f"rank{self.rank}_state.pt")
-        full_student = student()  # collective under FSDP: every rank takes part
-        full_ema = student_ema(full_student) if student_ema is not None else None  # collective too
+        files = exports()  # collective under FSDP: every rank takes part
         if self.rank == 0:
-            for file, weights in ((STUDENT_FILE, full_student), (STUDENT_EMA_FILE, full_ema)):
-                if weights is not None:
-                    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / file))
-                    _fsync(tmp / file)
-            (tmp / "config.yaml").write_text(config_yaml)
+            for file, weights in files.items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / file))
+                _fsync(tmp / file)
+            (tmp / "config.yaml").write_text(self.config_yaml)
             _save_torch(trainer_state, tmp / TRAINER_STATE)
-        del full_student, full_ema
+        del files
         _barrier()
         kill_if_requested(TEST_KILL_IN_SAVE_ENV, iteration)
         if self.rank == 0:
@@ -231,35 +260,24 @@ class Checkpointer:
 
     # ---- load ----------------------------------------------------------------------------------------------
     def load(
-        self,
-        path: Path,
-        models: dict[str, nn.Module],
-        optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
-        sharded_state: dict[str, Any],
+        self, path: Path, parts: dict[str, Stateful]
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Restore the networks, optimisers and ``sharded_state`` (in place) from ``path``.
+        """Restore every part from ``path``: DCP loads into the parts' own state dicts, then each part's
+        ``load_state_dict`` runs in the dict's order.
 
         Returns ``(trainer_state, rank_state)``; ``rank_state`` is None when no file of this rank exists (the run
         resumes on more processes than wrote the checkpoint). Optimiser state must exist before the call
         (:func:`init_optimizer_state`).
         """
-        state: dict[str, Any] = {f"model/{k}": get_model_state_dict(m) for k, m in models.items()}
-        for k, (m, opt) in optimizers.items():
-            state[f"optim/{k}"] = get_optimizer_state_dict(m, opt)
-        for k, v in sharded_state.items():
-            state[f"extra/{k}"] = v
+        state = {k: part.state_dict() for k, part in parts.items()}
         try:
             dcp.load(state, checkpoint_id=str(path))
         except Exception as e:  # DCP's own message names the key; say which checkpoint and what to check
             raise RuntimeError(
                 f"checkpoint {path} does not match this run (different networks, optimiser or EMA settings?): {e}"
             ) from e
-        for k, m in models.items():
-            set_model_state_dict(m, state[f"model/{k}"], options=StateDictOptions(strict=True))
-        for k, (m, opt) in optimizers.items():
-            set_optimizer_state_dict(m, opt, state[f"optim/{k}"])
-        for k in sharded_state:
-            sharded_state[k] = state[f"extra/{k}"]
+        for k, part in parts.items():
+            part.load_state_dict(state[k])
         trainer_state = torch.load(path / TRAINER_STATE, weights_only=True)
         rank_file = path / f"rank{self.rank}_state.pt"
         rank_state = torch.load(rank_file, weights_only=True) if rank_file.exists() else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -61,3 +62,22 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def rewind_metrics(path: Path, iteration: int) -> None:
+    """Drop the rows of ``metrics.jsonl`` logged after ``iteration`` by a run that died before its next checkpoint."""
+    if not path.exists():
+        return
+
+    def logged_at(line: str) -> int | None:
+        try:
+            return int(json.loads(line)["iteration"])
+        except (ValueError, KeyError, TypeError):
+            return None  # a line cut short by the kill
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [ln for ln in lines if (logged_at(ln) or iteration + 1) <= iteration]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        os.replace(tmp, path)
