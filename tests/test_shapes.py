@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +299,16 @@ def test_shipped_reader_reads_heldout_scenes_with_95_percent_compositional_accur
     acc = compositional_accuracy(heldout.images, heldout.scenes, reader)
     assert acc >= 0.95
     assert reader_metadata()["heldout_compositional_accuracy"] >= 0.95
+
+
+def test_shipped_shapes_teacher_is_an_sdxl_folder_under_10_mb_that_the_stock_pipeline_loads_offline():
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = Path(__file__).resolve().parents[1] / "senseflow" / "assets" / "shapes_teacher"
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 10 * 2**20, size
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    out = pipe(prompt=["a red circle to the left of a blue square, a white triangle above them"], height=32, width=32,
+               num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
+               output_type="pt").images
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
