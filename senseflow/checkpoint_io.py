@@ -7,11 +7,15 @@ Accepted forms of ``checkpoint`` (docs/method.md §15-§16):
 * a ``.safetensors`` file (e.g. ``student.safetensors`` of one of our training checkpoints);
 * a diffusers folder: a whole exported pipeline (the student in ``transformer/`` or ``unet/``), or a bare model
   folder holding ``config.json`` and ``diffusion_pytorch_model*.safetensors`` (the released ``SenseFlow-FLUX``);
-* one of our training checkpoints (``iter_XXXXXX/``, DCP), its parent ``checkpoints/`` folder, the ``latest`` pointer
-  file in it, or the run folder itself:
-  the consolidated ``student_ema.safetensors`` (G's EMA, written when ``train.ema.enabled``) or else
-  ``student.safetensors`` when present, otherwise the generator's entries of the DCP shards. To sample the raw
-  generator of a run trained with EMA, pass its ``student.safetensors`` file itself.
+* one of our training checkpoints (``iter_XXXXXX/``), its parent ``checkpoints/`` folder, the ``latest`` pointer
+  file in it, or the run folder itself: the consolidated ``student_ema.safetensors`` (G's EMA, written when
+  ``train.ema.enabled``) or else ``student.safetensors`` that the trainer writes beside every checkpoint. To sample
+  the raw generator of a run trained with EMA, pass its ``student.safetensors`` file itself.
+
+Nothing here unpickles what a checkpoint folder carries: a training checkpoint's DCP files (``.metadata`` is a
+pickle, and DCP ``torch.load``-s non-tensor entries without ``weights_only``) can run code, so they are read only by
+resume (:mod:`senseflow.trainer.checkpoint`, after checking the digest the run recorded). A checkpoint folder without
+``student_ema.safetensors`` / ``student.safetensors`` is refused with one line.
 
 The student's architecture always comes from a diffusers model config (its ``_class_name`` names the class). Keys are
 compared with the architecture *before* any weight is read, from the safetensors header or a memory-mapped
@@ -63,8 +67,8 @@ def denoiser_classes() -> tuple[str, ...]:
 _WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 #: keys of a ``torch.save``-d dict that may hold the student's state dict, in preference order
 _STATE_KEYS: tuple[str, ...] = ("model", "state_dict", "generator", "student")
-#: DCP prefixes that name the generator, in preference order (others, e.g. the fake score, are never chosen)
-_DCP_PREFERRED: tuple[str, ...] = ("model/generator.", "model/student.", "model/G.", "generator.", "model.")
+#: the consolidated students a training checkpoint holds, in preference order (the EMA is the model a run publishes)
+STUDENT_FILES: tuple[str, ...] = ("student_ema.safetensors", "student.safetensors")
 
 
 class CheckpointMismatchError(ValueError):
@@ -75,7 +79,7 @@ class CheckpointMismatchError(ValueError):
 class StudentSource:
     """Where the student's weights (and, for a diffusers folder, its config) live.
 
-    ``kind`` is one of ``pth``, ``safetensors``, ``diffusers`` (``path`` is the model folder itself) or ``dcp``.
+    ``kind`` is one of ``pth``, ``safetensors`` or ``diffusers`` (``path`` is the model folder itself).
     """
 
     kind: str
@@ -108,7 +112,10 @@ def _model_folder(folder: Path) -> Path | None:
 
 
 def resolve_student_source(checkpoint: Path | str) -> StudentSource:
-    """Classify ``checkpoint`` (see the module docstring); raises FileNotFoundError / ValueError with its name."""
+    """Classify ``checkpoint`` (see the module docstring); raises FileNotFoundError / ValueError with its name.
+
+    Never reads a DCP file: a training checkpoint resolves to the safetensors the trainer wrote beside it.
+    """
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"student checkpoint not found: {path}")
@@ -126,21 +133,27 @@ def resolve_student_source(checkpoint: Path | str) -> StudentSource:
             f"student checkpoint {path}: unknown file type {suffix!r} (expected .pth, .pt, .bin or .safetensors)"
         )
     # folders: a run's checkpoints/ with a 'latest' pointer -> the newest complete checkpoint
-    if (path / "latest").is_file() and not (path / ".metadata").exists():
-        path = path / (path / "latest").read_text().strip()
+    if (path / "latest").is_file():
+        name = (path / "latest").read_text().strip()
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"{path / 'latest'} must name a checkpoint folder beside it, found {name!r}")
+        path = path / name
         if not path.is_dir():
             raise FileNotFoundError(f"{checkpoint}/latest names {path.name}, which does not exist")
-    for name in ("student_ema.safetensors", "student.safetensors"):  # the EMA is the model a run publishes
+    for name in STUDENT_FILES:
         if (path / name).is_file():
             return StudentSource("safetensors", path / name)
-    if (path / ".metadata").is_file():
-        return StudentSource("dcp", path)
+    if (path / ".metadata").exists() or any(path.glob("*.distcp")):
+        raise ValueError(
+            f"checkpoint folder {path} holds no {' or '.join(STUDENT_FILES)}; its DCP files are never read outside "
+            "resume (they can carry pickled code): pass a folder or file with the student's safetensors"
+        )
     model_dir = _model_folder(path)
     if model_dir is not None:
         return StudentSource("diffusers", model_dir, model_dir / "config.json")
     raise ValueError(
         f"student checkpoint folder {path} holds neither a diffusers model (config.json + *.safetensors, or a "
-        f"transformer/ or unet/ subfolder with them), a student.safetensors, nor a DCP checkpoint (.metadata)"
+        f"transformer/ or unet/ subfolder with them) nor a training checkpoint's {' or '.join(STUDENT_FILES)}"
     )
 
 
@@ -233,38 +246,11 @@ def _safetensors_files(source: StudentSource) -> list[Path]:
     return files
 
 
-def _dcp_metadata(path: Path) -> dict[str, Any]:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return dict(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-
-
-def _dcp_prefix(meta: Mapping[str, Any], expected: Iterable[str], path: Path) -> str:
-    """The key prefix under which the DCP checkpoint stores the generator's parameters."""
-    expected = list(expected)
-    probe = expected[0]
-    candidates = sorted({k[: -len(probe)] for k in meta if k.endswith(probe)})
-    complete = [p for p in candidates if all(p + e in meta for e in expected)]
-    for pref in _DCP_PREFERRED:
-        if pref in complete:
-            return pref
-    generator_like = [p for p in complete if any(w in p.lower() for w in ("generator", "student"))]
-    if len(generator_like) == 1:
-        return generator_like[0]
-    if not complete:
-        raise CheckpointMismatchError(
-            f"DCP checkpoint {path} holds no complete set of the student's parameters "
-            f"(prefixes seen for {probe!r}: {candidates[:4] or 'none'})"
-        )
-    raise CheckpointMismatchError(
-        f"DCP checkpoint {path} holds several candidate students {complete[:4]}; cannot tell which is the generator"
-    )
-
-
 def checkpoint_shapes(source: StudentSource, expected: Iterable[str] = ()) -> dict[str, tuple[int, ...]]:
-    """Parameter names → shapes of ``source`` without reading the tensors (safetensors header, mmap, DCP metadata).
+    """Parameter names → shapes of ``source`` without reading the tensors (safetensors header, mmap).
 
-    Names are returned without wrapper prefixes (``module.``, ``_orig_mod.``). ``expected`` is needed for DCP only.
+    Names are returned without wrapper prefixes (``module.``, ``_orig_mod.``). ``expected`` is unused (kept for
+    callers that pass the architecture's names).
     """
     if source.kind == "pth":
         return {_strip_wrappers(k): tuple(v.shape) for k, v in _load_pth(source.path).items()}
@@ -283,10 +269,6 @@ def checkpoint_shapes(source: StudentSource, expected: Iterable[str] = ()) -> di
             except Exception as exc:  # header corrupt / not a safetensors file
                 raise ValueError(f"{f} is not a readable safetensors file ({exc})".splitlines()[0]) from None
         return out
-    if source.kind == "dcp":
-        meta = _dcp_metadata(source.path)
-        prefix = _dcp_prefix(meta, expected, source.path)
-        return {k[len(prefix):]: tuple(v.size) for k, v in meta.items() if k.startswith(prefix) and hasattr(v, "size")}
     raise ValueError(f"unknown checkpoint kind {source.kind!r}")
 
 
@@ -339,20 +321,6 @@ def read_state_dict(source: StudentSource, expected: Mapping[str, tuple[int, ...
         for f in _safetensors_files(source):
             out.update({_strip_wrappers(k): v for k, v in load_file(str(f), device="cpu").items()})
         return out
-    if source.kind == "dcp":
-        import torch.distributed.checkpoint as dcp
-
-        meta = _dcp_metadata(source.path)
-        names = list(expected) if expected is not None else []
-        prefix = _dcp_prefix(meta, names, source.path)
-        state = {
-            prefix + k: torch.empty(tuple(meta[prefix + k].size), dtype=meta[prefix + k].properties.dtype)
-            for k in names
-        }
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(source.path), no_dist=True)
-        return {k[len(prefix):]: v for k, v in state.items()}
     raise ValueError(f"unknown checkpoint kind {source.kind!r}")
 
 

@@ -35,16 +35,13 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - very old torch
-    DTensor = ()  # type: ignore[assignment]
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
@@ -156,6 +153,8 @@ def device_mesh(info: DistInfo, hsdp: bool = False):
     """
     from torch.distributed.device_mesh import init_device_mesh
 
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
     if hsdp:
         local = max(1, int(info.local_world_size))
         if info.world_size % local:
@@ -176,8 +175,9 @@ def device_mesh(info: DistInfo, hsdp: bool = False):
 
 def enable_activation_checkpointing(model: nn.Module, block_types: tuple[type, ...]) -> str:
     """Per-block activation checkpointing; returns which mechanism was used (``diffusers``, ``torch`` or ``none``)."""
-    if hasattr(model, "enable_gradient_checkpointing"):
-        model.enable_gradient_checkpointing()
+    enable = getattr(model, "enable_gradient_checkpointing", None)
+    if callable(enable):
+        enable()
         return "diffusers"
     if block_types:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -200,10 +200,8 @@ def enable_activation_checkpointing(model: nn.Module, block_types: tuple[type, .
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def is_sharded(model: nn.Module) -> bool:
+def is_sharded(model: nn.Module) -> TypeGuard[FSDPModule]:
     """Whether ``model`` is an FSDP2 module (its parameters are ``DTensor`` shards)."""
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 
@@ -303,9 +301,9 @@ def build_sharded(
     if opts.strategy == "none" or not info.distributed:
         return _prepare(build(), trainable, opts).to(info.device)
     if opts.strategy == "ddp":
-        model = _prepare(build(), trainable, opts).to(info.device)
-        broadcast_module(model)
-        return model
+        replicated = _prepare(build(), trainable, opts).to(info.device)
+        broadcast_module(replicated)
+        return replicated
     if opts.strategy != "fsdp":
         raise ValueError(f"dist.strategy: {opts.strategy!r} is not one of none, ddp, fsdp")
     model = build() if info.is_main else None
@@ -360,7 +358,7 @@ def load_full_from_rank0(model: nn.Module, full: dict[str, Tensor], comm_device:
     from torch.distributed.tensor import distribute_tensor
 
     params = [(n, p) for n, p in model.named_parameters()]
-    error = [None]
+    error: list[str | None] = [None]
     if dist.get_rank() == 0:
         names = {_plain_name(n) for n, _ in params}
         persistent = {_plain_name(k) for k in model.state_dict().keys()}
@@ -434,16 +432,15 @@ def sync_replicated_grads(params: Iterable[Tensor], bucket_bytes: int = 64 << 20
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=dev)
     dist.all_reduce(has)
     live = [p for p, n in zip(params, has.tolist()) if n > 0]
+    groups: dict[tuple, list[Tensor]] = {}
     for p in live:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    groups: dict[tuple, list[Tensor]] = {}
-    for p in live:
         groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
     for grads in groups.values():
         bucket: list[Tensor] = []
         size = 0
-        for g in grads + [None]:  # type: ignore[list-item]
+        for g in [*grads, None]:
             if g is not None:
                 bucket.append(g)
                 size += g.numel() * g.element_size()
@@ -466,11 +463,11 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float | None) -> float:
     """
     from torch.nn.utils import get_total_norm
 
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return 0.0
-    sharded = [p.grad for p in with_grad if isinstance(p.grad, DTensor)]
-    plain = [p.grad for p in with_grad if not isinstance(p.grad, DTensor)]
+    sharded: list[Tensor] = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
     parts: list[Tensor] = []
     if sharded:
         n = get_total_norm(sharded, 2.0)
@@ -500,11 +497,6 @@ def assert_same_on_all_ranks(value: Any, what: str) -> None:
     if any(v != values[0] for v in values[1:]):
         shown = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
         raise RuntimeError(f"{what} differ across ranks (they must be drawn from the shared stream): {shown}")
-
-
-def unwrap(model: Any) -> nn.Module:
-    """The module inside a wrapper with ``.module`` (FSDP2 modules are their own module)."""
-    return getattr(model, "module", model)
 
 
 def wrap_trainable(model: nn.Module, info: DistInfo, strategy: str, block_types: Sequence[type] = ()) -> nn.Module:

@@ -7,7 +7,7 @@
   ``guidance_embeds=false``, decision 4),
 * a scheduler with which the stock pipeline runs *our* Euler sampler x ← x + (τ_{k+1} − τ_k)·v on our anchors
   (the family's ``export_scheduler_config`` and ``export_pipeline_kwargs``; anchors from
-  :mod:`senseflow.method.sampling`, as the inference scripts use them):
+  :mod:`senseflow.core.anchors`, as the inference scripts use them):
 
   - FLUX: the teacher's ``FlowMatchEulerDiscreteScheduler`` (dynamic shift) unchanged; ``FluxPipeline`` with
     ``num_inference_steps=N`` uses σ_k = shift_μ(1 − k/N), μ from the image-token count, our anchors; no guidance;
@@ -26,7 +26,6 @@ refused (exit 2) unless ``--overwrite``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -47,13 +46,13 @@ from senseflow.checkpoint_io import (
     resolve_student_source,
     student_config,
 )
-from senseflow.inference import UsageError, check_teacher_folder
+from senseflow.core.dtypes import CLI_DTYPES as _DTYPES
+from senseflow.inference import UsageError, UsageParser, check_teacher_folder
 from senseflow.models.families import family_names, get_family
 from senseflow.quiet import quiet_libraries
 
 __all__ = ["pipeline_kwargs", "readme_text", "export", "main_export"]
 
-_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _family(family: str) -> Any:
@@ -218,14 +217,9 @@ def export(
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def main_export(argv: Sequence[str] | None = None) -> int:
     """``senseflow export``: returns 0, or 2 with a one-line error on stderr for bad input."""
-    p = _Parser(prog="senseflow export", description="Write a distilled student as a complete diffusers folder "
+    p = UsageParser(prog="senseflow export", description="Write a distilled student as a complete diffusers folder "
                 "(teacher components + student + a scheduler that reproduces the SenseFlow Euler sampler).")
     p.add_argument("--teacher", required=True, help="the teacher's local diffusers folder")
     p.add_argument("--checkpoint", required=True,

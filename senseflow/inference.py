@@ -25,7 +25,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +41,13 @@ from senseflow.checkpoint_io import (
     resolve_student_source,
     student_config,
 )
+from senseflow.core import rng
+from senseflow.core.anchors import make_anchors
+from senseflow.core.argparsing import RaisingParser
+from senseflow.core.dtypes import SHORT_NAMES, parse_dtype
 from senseflow.imageio import to_pil
-from senseflow.method import rng
+from senseflow.method.sampling import SAMPLERS as _SAMPLERS
+from senseflow.method.sampling import get_sampler
 from senseflow.models.families import family_names, get_family
 from senseflow.quiet import quiet_libraries
 
@@ -53,26 +58,23 @@ __all__ = [
     "pipeline_classes",
     "SAMPLERS",
     "UsageError",
+    "UsageParser",
     "build_parser",
     "read_prompts",
     "check_teacher_folder",
     "prepare",
     "prompt_generator",
     "initial_latents",
+    "student_images",
     "load_runtime",
     "generate",
     "main",
 ]
 
-#: the few-step samplers of docs/method.md §16.3
-SAMPLERS: tuple[str, ...] = ("stochastic", "euler")
+#: the few-step samplers of docs/method.md §16.3 (:data:`senseflow.method.sampling.SAMPLERS`)
+SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
 #: the prompts file shipped at the repository root (used when the default name is not in the working directory)
 DEFAULT_PROMPTS = "senseflow_test_prompts.txt"
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
 
 
 class UsageError(ValueError):
@@ -83,8 +85,8 @@ class UsageError(ValueError):
 class InferenceSpec:
     """What distinguishes one inference script from another; everything else is shared.
 
-    ``teacher_flag`` / ``config_flag`` default to the family's ``inference_flags`` (the authors' flag names, README:
-    ``--flux_ckpt`` + ``--dit_config``, ``--sdxl_ckpt`` + ``--unet_config``, ``--sd35_ckpt`` +
+    ``teacher_flag`` / ``config_flag`` (empty: not given) default to the family's ``inference_flags`` (the authors'
+    flag names, README: ``--flux_ckpt`` + ``--dit_config``, ``--sdxl_ckpt`` + ``--unet_config``, ``--sd35_ckpt`` +
     ``--transformer_config``). Every fact about the model (denoiser class and subfolder, student config overrides,
     checkpoint keys to drop, allowed image sizes) comes from the teacher family (:attr:`family_class`).
     """
@@ -92,8 +94,8 @@ class InferenceSpec:
     family: str
     preset: str
     title: str
-    teacher_flag: str | None = None
-    config_flag: str | None = None
+    teacher_flag: str = ""
+    config_flag: str = ""
     default_sampler: str = "stochastic"
     default_steps: int = 4
     min_steps: int = 4
@@ -136,16 +138,15 @@ def pipeline_classes() -> dict[str, str]:
 
 # ---- command line ------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
+class UsageParser(RaisingParser):
     """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
+    error_type = UsageError
 
 
 def build_parser(spec: InferenceSpec, prog: str | None = None) -> argparse.ArgumentParser:
     """The script's arguments (the authors' names and defaults, §16.1, plus sampler / steps / seed / size)."""
-    p = _Parser(prog=prog, description=f"Generate images with a {spec.title} (one PNG per prompt, named by index).")
+    p = UsageParser(prog=prog, description=f"Generate images with a {spec.title} (one PNG per prompt, named by index).")
     p.add_argument(f"--{spec.teacher_flag}", required=True, metavar="DIR",
                    help="the teacher's local diffusers folder (text encoders, VAE, scheduler and the student config)")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
@@ -262,9 +263,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` → bf16 on cuda, fp32 on cpu; else one of fp32, bf16, fp16 (UsageError, a ValueError, otherwise)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise UsageError(f"--dtype {name!r} is not one of auto, fp32, bf16, fp16")
-    return _DTYPES[name]
+    try:
+        return parse_dtype(name, "--dtype")
+    except ValueError:
+        raise UsageError(f"--dtype {name!r} is not one of auto, {', '.join(SHORT_NAMES)}") from None
 
 
 @dataclass
@@ -383,38 +385,44 @@ def initial_latents(shape: Sequence[int], generators: Sequence[torch.Generator],
 
 
 @torch.no_grad()
-def generate(plan: Plan, family: Any, student: nn.Module, progress: bool = True) -> list[Path]:
-    """Sample every prompt of the plan and write ``<output_dir>/<index:05d>.png``; return the paths written.
+def student_images(plan: Plan, family: Any, student: nn.Module,
+                   items: Sequence[tuple[int, str]]) -> Iterator[tuple[list[int], list]]:
+    """The student's samples of ``items`` ((prompt index, text) pairs) with the plan's sampler, steps and size,
+    ``plan.batch_size`` prompts per forward: yields (prompt indices, PIL images) batch by batch.
 
-    Latents stay fp32 (the family casts the network's inputs to its dtype); prompt i's noise comes from
-    :func:`prompt_generator` (seed + i).
+    Latents stay fp32 (the family casts the network's inputs to its dtype); prompt i's noise, initial and re-noising,
+    comes from :func:`prompt_generator` (seed + i). Inference and evaluation (:mod:`senseflow.eval.generate`) both
+    sample through this loop.
     """
-    from tqdm import tqdm
-
-    from senseflow.method.sampling import make_anchors, sample_euler, sample_stochastic
-
-    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    sample = get_sampler(plan.sampler)
     schedule = family.schedule(plan.height, plan.width)
     anchors = make_anchors(schedule, plan.steps).to(plan.device)
     shape = family.latent_shape(plan.height, plan.width)
-    written: list[Path] = []
-    bar = tqdm(total=len(plan.items), unit="img", desc=plan.spec.title, disable=not progress, file=sys.stderr)
-    for start in range(0, len(plan.items), plan.batch_size):
-        batch = plan.items[start:start + plan.batch_size]
+    for start in range(0, len(items), plan.batch_size):
+        batch = items[start:start + plan.batch_size]
         indices, texts = [i for i, _ in batch], [t for _, t in batch]
         cond = _encode(family, texts, plan.height, plan.width)
         gens = [prompt_generator(plan.seed, i) for i in indices]
         noise = initial_latents(shape, gens, plan.device)
-        if plan.sampler == "euler":
-            x0 = sample_euler(family, student, cond, anchors, latents=noise, schedule=schedule)
-        else:
-            x0 = sample_stochastic(family, student, cond, anchors, gens, latents=noise, schedule=schedule)
-        pixels = family.decode_latents(x0.float())
-        for idx, img in zip(indices, to_uint8_images(pixels)):
+        x0 = sample(family, student, cond, anchors, gens, latents=noise, schedule=schedule)
+        yield indices, to_uint8_images(family.decode_latents(x0.float()))
+
+
+@torch.no_grad()
+def generate(plan: Plan, family: Any, student: nn.Module, progress: bool = True) -> list[Path]:
+    """Sample every prompt of the plan (:func:`student_images`) and write ``<output_dir>/<index:05d>.png``; return
+    the paths written."""
+    from tqdm import tqdm
+
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    bar = tqdm(total=len(plan.items), unit="img", desc=plan.spec.title, disable=not progress, file=sys.stderr)
+    for indices, images in student_images(plan, family, student, plan.items):
+        for idx, img in zip(indices, images):
             path = plan.output_dir / f"{idx:05d}.png"
             img.save(path)
             written.append(path)
-        bar.update(len(batch))
+        bar.update(len(indices))
     bar.close()
     return written
 

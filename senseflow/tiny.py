@@ -124,7 +124,7 @@ CORPUS: tuple[str, ...] = (
 # ---- what the families' tiny configs share -------------------------------------------------------------------
 
 #: every tiny CLIP text encoder: 2 layers, 77 positions
-TINY_CLIP = dict(num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu")
+TINY_CLIP: dict[str, Any] = dict(num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu")
 #: every tiny VAE: 4 levels (8× downscaling like the real VAEs); families add latent channels and normalisation
 TINY_VAE = dict(
     in_channels=3,
@@ -141,10 +141,11 @@ TINY_T5 = dict(d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets
                feed_forward_proj="gated-gelu")
 
 #: discriminator backbones (docs/method.md, decision 5): DINOv2 with patch 8 at 64 px (64 tokens) and a CLIP text tower
-DINO_BACKBONE = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=64,
-                     patch_size=8, num_channels=3, layerscale_value=1.0, use_swiglu_ffn=False)
-CLIP_TEXT_BACKBONE = dict(TINY_CLIP, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                          projection_dim=32)
+DINO_BACKBONE: dict[str, Any] = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2,
+                                     image_size=64, patch_size=8, num_channels=3, layerscale_value=1.0,
+                                     use_swiglu_ffn=False)
+CLIP_TEXT_BACKBONE: dict[str, Any] = dict(TINY_CLIP, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                          projection_dim=32)
 
 _CLIP_VOCAB_SIZE = 700
 _T5_VOCAB_SIZE = 200

@@ -136,7 +136,7 @@ def dcp_contents(checkpoint: Path, scratch: Path) -> dict[str, Any]:
 
     out = scratch / f"{checkpoint.parent.parent.name}_{checkpoint.name}.pt"
     dcp_to_torch_save(str(checkpoint), str(out))
-    return flatten(torch.load(out, weights_only=False))
+    return flatten(torch.load(out, weights_only=True))
 
 
 def differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from senseflow.method.schedules import Schedule
-from senseflow.models.families.base import Condition, TeacherFamily
+from senseflow.core.condition import Condition
+from senseflow.core.family import TeacherFamily
+from senseflow.core.schedules import Schedule
 
 
 class AffineField(nn.Module):

@@ -17,7 +17,7 @@ from senseflow.config import (
     schema_keys,
     validate_paths,
 )
-from senseflow.method.schedules import FlowSchedule, TimestepSampler
+from senseflow.core.schedules import FlowSchedule, TimestepSampler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = {

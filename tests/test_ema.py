@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from senseflow.checkpoint_io import resolve_student_source
-from senseflow.trainer.optim import EMA
+from senseflow.method.optim import EMA
 
 
 def tiny_net() -> nn.Module:

@@ -54,7 +54,8 @@ def our_euler_latents(
     family_name: str, teacher: Path, checkpoint: Path, noise: torch.Tensor, tmp: Path
 ) -> torch.Tensor:
     """Latents of the inference scripts' Euler sampler (student loaded from ``checkpoint`` like the scripts do)."""
-    from senseflow.method.sampling import make_anchors, sample_euler
+    from senseflow.core.anchors import make_anchors
+    from senseflow.method.sampling import sample_euler
 
     spec = inference.get_spec(family_name)
     args = inference.build_parser(spec).parse_args([f"--{spec.teacher_flag}", str(teacher), "--checkpoint",
@@ -161,20 +162,26 @@ def test_non_empty_out_is_refused_unless_overwrite(tiny_teacher, student_pth, tm
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_export_from_a_training_checkpoint(tiny_teacher, tmp_path):
-    """A DCP checkpoint folder (our trainer's layout: model/generator, model/fake) exports the generator."""
+def test_export_from_a_training_checkpoint(tiny_teacher, tmp_path, capsys):
+    """A training checkpoint folder exports the student.safetensors the trainer wrote beside its DCP files, never
+    what the DCP files hold; a folder with DCP files only is refused with one line (exit 2)."""
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     teacher = tiny_teacher("sd35-large")
+    capsys.readouterr()  # building the teacher talks
     weights = load_file(str(teacher / "transformer" / "diffusion_pytorch_model.safetensors"))
     generator = {k: v + 1.0 for k, v in weights.items()}
     ckpt = tmp_path / "run" / "checkpoints" / "iter_000300"
-    dcp.save({"model/generator": generator, "model/fake": weights}, checkpoint_id=str(ckpt), no_dist=True)
-    out = tmp_path / "out"
-    assert main_export(["--teacher", str(teacher), "--checkpoint", str(ckpt), "--family", "sd3",
-                        "--out", str(out)]) == 0
-    exported = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    dcp.save({"model/generator": weights, "model/fake": weights}, checkpoint_id=str(ckpt), no_dist=True)
+    argv = ["--teacher", str(teacher), "--checkpoint", str(ckpt), "--family", "sd3", "--out", str(tmp_path / "out")]
+    rc, err = run_export(*argv, capsys=capsys)
+    assert rc == 2 and err.count("\n") == 1 and "holds no student_ema.safetensors or student.safetensors" in err
+    assert not (tmp_path / "out").exists()
+
+    save_file(generator, str(ckpt / "student.safetensors"))
+    assert main_export(argv) == 0
+    exported = load_file(str(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert exported.keys() == generator.keys()
     assert all(torch.equal(exported[k], generator[k]) for k in generator)
 

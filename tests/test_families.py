@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from senseflow.method.schedules import DDPMSchedule, FlowSchedule, flux_mu
+from senseflow.core.condition import Condition
+from senseflow.core.schedules import DDPMSchedule, FlowSchedule, flux_mu
 from senseflow.models.families import FAMILY_NAMES, build_family, get_family
-from senseflow.models.families.base import Condition
 from senseflow.models.families.flux import GUIDANCE_PREFIX, latent_image_ids, pack_latents, unpack_latents
 
 PROMPTS = ["a photo of a cat", "two dogs playing with a ball in the park"]

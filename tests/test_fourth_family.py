@@ -133,8 +133,9 @@ def test_its_export_runs_our_euler_sampler_in_the_stock_pipeline(fourth, trained
     from safetensors.torch import load_file
 
     from senseflow import inference
+    from senseflow.core.anchors import make_anchors
     from senseflow.export import main_export, pipeline_kwargs
-    from senseflow.method.sampling import make_anchors, sample_euler
+    from senseflow.method.sampling import sample_euler
 
     root, _ = fourth
     teacher, out = root / "teacher", tmp_path / "exported"

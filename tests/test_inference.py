@@ -150,7 +150,8 @@ def test_images_depend_only_on_seed_and_prompt_index(tiny_teacher, student, tmp_
 
 def test_stochastic_sampler_equals_library_sampler_per_prompt(tiny_teacher, student, tmp_path):
     """Per-prompt generators (a list, one per sample) give each prompt what a batch of one with its generator gives."""
-    from senseflow.method.sampling import make_anchors, sample_stochastic
+    from senseflow.core.anchors import make_anchors
+    from senseflow.method.sampling import sample_stochastic
 
     args = build_parser(SPECS["flux"]).parse_args(args_for("flux", tiny_teacher("flux"), student("flux"), tmp_path))
     plan = prepare(args, SPECS["flux"])
@@ -171,8 +172,9 @@ def test_stochastic_sampler_equals_library_sampler_per_prompt(tiny_teacher, stud
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_student_loads_from_every_checkpoint_form(tiny_teacher, tmp_path):
-    """{"model": sd}, a bare sd with DDP prefixes, .safetensors, a diffusers folder and a DCP training checkpoint
-    (generator chosen over the fake score) give the same FLUX student; the guidance embedder is ignored."""
+    """{"model": sd}, a bare sd with DDP prefixes, .safetensors, a diffusers folder and a training run (its
+    checkpoint's student.safetensors) give the same FLUX student; the guidance embedder is ignored. A checkpoint
+    folder holding only DCP files is refused: DCP is read by resume alone (tests/test_run_safety.py)."""
     import torch.distributed.checkpoint as dcp
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
@@ -193,6 +195,9 @@ def test_student_loads_from_every_checkpoint_form(tiny_teacher, tmp_path):
     dcp.save({"model/generator": plain, "model/fake": {k: torch.zeros_like(v) for k, v in plain.items()}},
              checkpoint_id=str(ckpts / "iter_000010"), no_dist=True)
     (ckpts / "latest").write_text("iter_000010")
+    with pytest.raises(ValueError, match="holds no student_ema.safetensors or student.safetensors"):
+        cio.resolve_student_source(ckpts)
+    save_file(plain, str(ckpts / "iter_000010" / "student.safetensors"))
 
     for path in ("wrapped.pth", "bare.pt", "g.safetensors", "exported", "run/checkpoints"):
         source = cio.resolve_student_source(tmp_path / path)
@@ -201,7 +206,7 @@ def test_student_loads_from_every_checkpoint_form(tiny_teacher, tmp_path):
         got = net.state_dict()
         assert got.keys() == plain.keys(), path
         assert all(torch.equal(got[k], plain[k]) for k in plain), path
-    assert cio.resolve_student_source(ckpts).kind == "dcp"
+    assert cio.resolve_student_source(ckpts).path == ckpts / "iter_000010" / "student.safetensors"
 
 
 # ---- bad input: exit 2, one line, no traceback, nothing loaded -----------------------------------------------

@@ -1,4 +1,4 @@
-"""LR multiplier m(n) of every player (senseflow.trainer.optim.warmup_lambda), stepped once per iteration.
+"""LR multiplier m(n) of every player (senseflow.method.optim.warmup_lambda), stepped once per iteration.
 
 Presets keep the reference's constant LR (docs/method.md §3.7, decay none); ``optimizer.decay=cosine`` is our option
 for short runs such as the digits demo: m falls from 1 to ``lr_end_factor`` over ``decay_steps`` iterations after
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from senseflow.trainer.optim import build_scheduler, warmup_lambda
+from senseflow.method.optim import build_scheduler, warmup_lambda
 
 
 def test_constant_after_warmup_by_default():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from method_toys import AffineField, OracleX0, ToyFamily, toy_condition
+from senseflow.core.schedules import DDPMSchedule, FlowSchedule, TimestepSampler
 from senseflow.method.dmd import (
     distribution_matching_loss,
     dmd_gradient,
@@ -12,7 +13,6 @@ from senseflow.method.dmd import (
     fake_score_loss,
 )
 from senseflow.method.guidance import draw_guidance_scale
-from senseflow.method.schedules import DDPMSchedule, FlowSchedule, TimestepSampler
 
 
 # ---- the gradient and the loss ---------------------------------------------------------------------------------

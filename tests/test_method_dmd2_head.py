@@ -10,7 +10,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from method_toys import ToyFamily
-from senseflow.method.schedules import DDPMSchedule, TimestepSampler
+from senseflow.core.condition import Condition
+from senseflow.core.schedules import DDPMSchedule, TimestepSampler
 from senseflow.models.dmd2_head import (
     DMD2Classifier,
     DMD2ClassifierHead,
@@ -19,7 +20,6 @@ from senseflow.models.dmd2_head import (
     generator_cls_loss,
     guidance_cls_loss,
 )
-from senseflow.models.families.base import Condition
 
 SDXL_UNET_CFG = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from method_toys import AffineField, ToyFamily, toy_condition
+from senseflow.core.schedules import DDPMSchedule, FlowSchedule
 from senseflow.method.isg import (
     ISGOptions,
     draw_midpoint,
@@ -13,7 +14,6 @@ from senseflow.method.isg import (
     midpoint_range,
     segment_end,
 )
-from senseflow.method.schedules import DDPMSchedule, FlowSchedule
 
 
 def sd35_schedule():

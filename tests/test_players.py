@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from senseflow.core.rng import RunRNG
 from senseflow.dist import DistInfo
 from senseflow.method.players import Player
-from senseflow.method.rng import RunRNG
 from senseflow.trainer.base import DistillationTrainer
 
 ACCUM = 2

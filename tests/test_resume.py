@@ -117,7 +117,8 @@ def test_a_kill_while_saving_leaves_latest_on_the_previous_checkpoint(reference,
     proc = launch(run, dist_assets)
     assert proc.returncode == 0, tail(proc)
     assert "at iteration 2" in proc.stdout + proc.stderr
-    assert sorted(p.name for p in root.iterdir()) == ["iter_000004", "iter_000006", "latest"]  # keep_last=2, no tmp
+    assert sorted(p.name for p in root.iterdir()) == [  # keep_last=2, no tmp; each with the digest this run recorded
+        "iter_000004", "iter_000004.sha256.json", "iter_000006", "iter_000006.sha256.json", "latest"]
     assert_bit_identical(run, reference, tmp_path)
 
 
@@ -212,8 +213,8 @@ def test_saving_every_iteration_does_not_change_training(dist_assets, tmp_path):
         trainer.train()
         finals.append(load_file(checkpoint(tmp_path / f"every{every}") / "student.safetensors"))
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
-    kept = sorted(p.name for p in (tmp_path / "every1" / "checkpoints").iterdir())
-    assert kept == ["iter_000001", "iter_000002", "iter_000003", "iter_000004", "latest"]  # keep_last=0: all
+    kept = sorted(p.name for p in (tmp_path / "every1" / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["iter_000001", "iter_000002", "iter_000003", "iter_000004"]  # keep_last=0: all
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -230,7 +231,8 @@ def test_keep_last_prunes_only_after_the_new_checkpoint_is_complete(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-iter_000009").mkdir()  # debris of a killed save
     for it in (1, 2, 3):
         ck.save(it, parts, {"iteration": it}, {}, lambda: {"student.safetensors": net.state_dict()})
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000002", "iter_000003", "latest"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "iter_000002", "iter_000002.sha256.json", "iter_000003", "iter_000003.sha256.json", "latest"]
     assert ck.latest().name == "iter_000003"
     assert (ck.latest() / "student.safetensors").exists() and (ck.latest() / "config.yaml").read_text() == "x: 1\n"
     state, mine = ck.load(ck.latest(), parts)

@@ -15,15 +15,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from senseflow.core.anchors import anchor_indices, flow_anchor_grid, make_anchors
+from senseflow.core.schedules import DDPMSchedule, FlowSchedule
 from senseflow.method.sampling import (
-    anchor_indices,
     backward_simulate,
-    flow_anchor_grid,
-    make_anchors,
     sample_euler,
     sample_stochastic,
 )
-from senseflow.method.schedules import DDPMSchedule, FlowSchedule
 from senseflow.models.families import build_family
 from senseflow.models.families.flux import unpack_latents
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from senseflow.method.schedules import (
+from senseflow.core.schedules import (
     DDPMSchedule,
     FlowSchedule,
     TimestepSampler,

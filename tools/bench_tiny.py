@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from senseflow.config import load_config
-from senseflow.method.sampling import make_anchors, sample_stochastic
+from senseflow.core.anchors import make_anchors
+from senseflow.method.sampling import sample_stochastic
 from senseflow.models.families import build_family
 from senseflow.quiet import quiet_libraries
 from senseflow.tiny import build_tiny_assets

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from senseflow.config.schema import SenseFlowConfig
+from senseflow.core.io import atomic_write_text
 
 __all__ = ["resolved_yaml", "save_resolved"]
 
@@ -25,12 +25,4 @@ def save_resolved(cfg: SenseFlowConfig, run_dir: str | os.PathLike) -> Path:
     target = run_dir / "config.yaml"
     text = "# Resolved SenseFlow config (senseflow.config.save_resolved); reload with load_config(this file).\n"
     text += resolved_yaml(cfg)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.", suffix=".yaml.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_text(target, text)

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 from omegaconf import MISSING
 
+from senseflow.core.dtypes import DTYPE_NAMES
+
 __all__ = [
     "CHOICES",
     "choice",
@@ -62,7 +64,6 @@ def _family_names() -> tuple[str, ...]:
 #: SD3.5) or the distilled guidance embedding (FLUX.1-dev). ``method.*.guidance.kind`` must name the family's
 #: (checked by :func:`validate`, so a mismatch fails before any model loads).
 _GUIDANCE_KINDS = ("cfg", "embedding")
-_DTYPES = ("float32", "bfloat16", "float16")
 _SAMPLER_KINDS = ("uniform", "logit_normal")
 _AUGMENTS = ("color", "translation", "cutout")
 
@@ -79,9 +80,9 @@ class TeacherConfig:
     family: str = choice("sd3", _family_names)  # a registered teacher family
     path: str = MISSING  # local diffusers folder with model_index.json
     student_path: str | None = None  # explicit initial weights for G and F (FLUX: decision 4 makes it optional)
-    dtype: str = choice("bfloat16", _DTYPES)  # frozen teacher T (§3.3)
-    vae_dtype: str = choice("float32", _DTYPES)
-    text_encoder_dtype: str = choice("float32", _DTYPES)
+    dtype: str = choice("bfloat16", DTYPE_NAMES)  # frozen teacher T (§3.3)
+    vae_dtype: str = choice("float32", DTYPE_NAMES)
+    text_encoder_dtype: str = choice("float32", DTYPE_NAMES)
     clip_max_length: int = 77  # §12
     t5_max_length: int = 77  # §12: SD3.5 77, FLUX 512
     resolution: int = 1024  # generation resolution in pixels (§2)
@@ -101,7 +102,7 @@ class ScheduleConfig:
 
 @dataclass
 class TimestepSamplerConfig:
-    """Fields of :class:`senseflow.method.schedules.TimestepSampler` (grid index i, then τ)."""
+    """Fields of :class:`senseflow.core.schedules.TimestepSampler` (grid index i, then τ)."""
 
     kind: str = choice("uniform", _SAMPLER_KINDS)
     low: int = 20

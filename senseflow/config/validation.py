@@ -122,7 +122,7 @@ def _field_rules() -> dict[str, _Rule | Callable[[], _Rule]]:
     for key in _RANGES:
         if key not in keys or key in choices:
             raise AssertionError(f"range rule for {key}: not a schema key, or one with choices")
-    rules: dict[str, _Rule] = {}
+    rules: dict[str, _Rule | Callable[[], _Rule]] = {}
     for key in keys:
         if key in choices:
             is_list = typing.get_origin(strip_optional(field_type(key, SenseFlowConfig))) is list

@@ -25,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from senseflow.core.io import atomic_write_text
+
 __all__ = ["source_fingerprint", "TensorCache", "LatentCache", "EmbeddingCache"]
 
 _INDEX = "index.json"
@@ -128,9 +130,8 @@ class TensorCache:
                 self._entries[key] = (shard, names)
             save_file(flat, str(self.directory / shard), metadata={"fingerprint": self.fingerprint})
             self._pending = {}
-        tmp = self.directory / (_INDEX + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "entries": self._entries}))
-        os.replace(tmp, self.directory / _INDEX)
+        index = {"fingerprint": self.fingerprint, "entries": self._entries}
+        atomic_write_text(self.directory / _INDEX, json.dumps(index))
 
 
 class LatentCache(TensorCache):

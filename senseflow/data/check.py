@@ -23,6 +23,7 @@ from senseflow.data.factory import dataset_format, open_dataset
 from senseflow.data.images import load_image
 from senseflow.data.json_images import IMAGE_LOAD_ERRORS
 from senseflow.data.lmdb_latents import (
+    LatentLMDBDataset,
     LMDBHeader,
     crop_coords_key,
     latent_key,
@@ -249,7 +250,7 @@ def quick_check(
     """
     fmt = dataset_format(path) if kind == "auto" else kind
     ds = open_dataset(path, resolution, kind=fmt, vae_scale_factor=vae_scale_factor)
-    if fmt == "lmdb":
+    if isinstance(ds, LatentLMDBDataset):  # fmt == "lmdb"
         problem = _lmdb_resolution_problem(Path(path), ds.header, resolution, vae_scale_factor)
         if problem:
             raise DataError(problem)

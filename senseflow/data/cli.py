@@ -13,9 +13,10 @@ import logging
 import sys
 from typing import Sequence
 
+from senseflow.core.dtypes import DTYPE_NAMES, DTYPES
+
 __all__ = ["main_data", "build_parser"]
 
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resolution", type=int, required=True)
     b.add_argument("--batch-size", type=int, required=True)
     b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    b.add_argument("--dtype", choices=_DTYPES, default="float32", help="VAE compute dtype")
+    b.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="VAE compute dtype")
     b.add_argument("--crop", choices=("center", "random"), default="center")
     b.add_argument("--seed", type=int, default=0, help="seed of the posterior noise (and random crops)")
     b.add_argument("--mean", action="store_true", help="store the posterior mean instead of a sample")
@@ -79,13 +80,12 @@ def _shapes(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    import torch
 
     from senseflow.data.build_lmdb import build_latent_lmdb
 
     result = build_latent_lmdb(
         args.images, args.vae, args.out, args.resolution, args.batch_size, args.device,
-        dtype=getattr(torch, args.dtype), crop=args.crop, sample_posterior=not args.mean, seed=args.seed,
+        dtype=DTYPES[args.dtype], crop=args.crop, sample_posterior=not args.mean, seed=args.seed,
         num_workers=args.num_workers, skip_bad=args.skip_bad, max_batches=args.max_batches,
         progress=not args.no_progress,
     )

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
 from senseflow.data.cache import EmbeddingCache, LatentCache
 from senseflow.data.errors import DataError
 from senseflow.data.json_images import ImageCaptionDataset
@@ -41,7 +39,7 @@ def open_dataset(
     vae_scale_factor: int = 8,
     latent_cache: LatentCache | None = None,
     embedding_cache: EmbeddingCache | None = None,
-) -> Dataset:
+) -> ImageCaptionDataset | LatentLMDBDataset:
     """The data set at ``path``: ``kind`` "auto" (see :func:`dataset_format`), "json", "jsonl" or "lmdb"
     (``crop``, ``seed`` and the caches apply to image sets only)."""
     if kind not in ("auto", "json", "jsonl", "lmdb"):

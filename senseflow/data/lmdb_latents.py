@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import lmdb
 import numpy as np
@@ -140,6 +140,10 @@ def release_lmdb(path: str | os.PathLike[str]) -> None:
         _close_quietly(hit[2])
 
 
+@overload
+def _ascii_ints(raw: bytes, what: str, path: Path, count: int | None = None) -> list[int]: ...
+@overload
+def _ascii_ints(raw: bytes | None, what: str, path: Path, count: int | None = None) -> list[int] | None: ...
 def _ascii_ints(raw: bytes | None, what: str, path: Path, count: int | None = None) -> list[int] | None:
     if raw is None:
         return None

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,7 +21,17 @@ from senseflow.data.errors import BadSampleError
 from senseflow.data.sampler import ResumableDistributedSampler
 from senseflow.data.seeding import mix_seed
 
-__all__ = ["RobustDataset", "ResumableDataLoader", "build_dataloader", "infinite_batches", "BAD_INDICES_KEY"]
+__all__ = ["MapDataset", "RobustDataset", "ResumableDataLoader", "build_dataloader", "infinite_batches",
+           "BAD_INDICES_KEY"]
+
+
+class MapDataset(Protocol):
+    """A map-style data set with a length (every data set of :mod:`senseflow.data`; ``load(index, epoch)`` is used
+    when it has one)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +43,7 @@ class RobustDataset(Dataset):
     """Wraps a map-style data set whose samples are dicts and whose ``load(index, epoch)`` (or ``[index]``) raises
     :class:`BadSampleError` for a bad record; items are ``(epoch, index)`` pairs or plain indices."""
 
-    def __init__(self, dataset: Dataset, max_bad_samples: int, seed: int = 0) -> None:
+    def __init__(self, dataset: MapDataset, max_bad_samples: int, seed: int = 0) -> None:
         if max_bad_samples < 0:
             raise ValueError(f"max_bad_samples must be >= 0, got {max_bad_samples}")
         self.dataset, self.max_bad_samples, self.seed = dataset, max_bad_samples, seed
@@ -95,7 +105,7 @@ class ResumableDataLoader:
 
     def __init__(
         self,
-        dataset: Dataset,
+        dataset: MapDataset,
         batch_size: int,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -190,7 +200,7 @@ class ResumableDataLoader:
 
 
 def build_dataloader(
-    dataset: Dataset,
+    dataset: MapDataset,
     batch_size: int,
     num_workers: int,
     pin_memory: bool,

@@ -23,7 +23,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
@@ -188,8 +188,8 @@ class JsonlRecords(RecordSource):
             )
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._lines = np.asarray(lines, dtype=np.int64)
-        self._fh = None
-        self._pid = None
+        self._fh: BinaryIO | None = None
+        self._pid: int | None = None
 
     def __len__(self) -> int:
         return len(self._offsets)

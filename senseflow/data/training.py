@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from torch.utils.data import Dataset
-
 from senseflow.data.check import quick_check
 from senseflow.data.factory import open_dataset
-from senseflow.data.loader import ResumableDataLoader, build_dataloader, infinite_batches
+from senseflow.data.loader import MapDataset, ResumableDataLoader, build_dataloader, infinite_batches
 
 __all__ = ["TrainingData", "build_training_data"]
 
@@ -22,7 +20,7 @@ __all__ = ["TrainingData", "build_training_data"]
 class TrainingData:
     """``next()`` gives the next batch of this rank forever; ``state_dict()`` / ``load_state_dict()`` resume it."""
 
-    def __init__(self, dataset: Dataset, loader: ResumableDataLoader) -> None:
+    def __init__(self, dataset: MapDataset, loader: ResumableDataLoader) -> None:
         self.dataset, self.loader = dataset, loader
         self._stream: Iterator[Any] | None = None
 

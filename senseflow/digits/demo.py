@@ -16,6 +16,7 @@ Steps (every path under ``--out``):
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import socket
 import subprocess
@@ -89,8 +90,9 @@ def run_training(cmd: Sequence[str], log_path: Path) -> float:
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        assert proc.stdout is not None
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+        stdout = proc.stdout
+        assert isinstance(stdout, io.BufferedReader)  # a pipe in binary mode
+        for chunk in iter(lambda: stdout.read1(4096), b""):
             log.write(chunk.decode(errors="replace"))
             sys.stderr.buffer.write(chunk)
             sys.stderr.flush()

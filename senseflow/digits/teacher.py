@@ -128,7 +128,7 @@ def evaluate_teacher(
     from senseflow.digits.metrics import fd_to_real, prompt_accuracy
 
     digits = [d for d in range(10) for _ in range(per_digit)]
-    out = {}
+    out: dict[str, dict[str, object]] = {}
     for n in steps:
         images = generate_digits(pipe, digits, template, n, guidance_scale, seed, max_sequence_length,
                                  resolution=resolution)

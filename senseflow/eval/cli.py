@@ -13,19 +13,15 @@ gets at most N new images and metrics wait until every image exists. Bad input p
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from senseflow.core.argparsing import RaisingParser
+
 __all__ = ["main_eval", "run_eval", "EvalOutcome"]
 
 PROG = "senseflow eval"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ValueError(message)
 
 
 class EvalOutcome:
@@ -135,7 +131,7 @@ def run_eval(cfg, progress: bool = True, generate_only: bool = False,
 def _convert_openclip(argv: Sequence[str]) -> int:
     from senseflow.eval.openclip import convert_openclip_checkpoint
 
-    p = _Parser(prog=f"{PROG} convert-openclip",
+    p = RaisingParser(prog=f"{PROG} convert-openclip",
                 description="Convert an OpenCLIP checkpoint (e.g. HPSv2) into a transformers CLIPModel folder.")
     p.add_argument("--checkpoint", required=True, help="OpenCLIP .pt/.pth (a state dict or {'state_dict': ...})")
     p.add_argument("--base", required=True, help="a transformers CLIPModel folder of the same architecture")
@@ -148,7 +144,7 @@ def _convert_openclip(argv: Sequence[str]) -> int:
 def _convert_imagereward(argv: Sequence[str]) -> int:
     from senseflow.eval.image_reward import convert_imagereward_checkpoint
 
-    p = _Parser(prog=f"{PROG} convert-imagereward",
+    p = RaisingParser(prog=f"{PROG} convert-imagereward",
                 description="Convert the released ImageReward.pt into a local ImageReward folder.")
     p.add_argument("--checkpoint", required=True, help="ImageReward.pt (state dict)")
     p.add_argument("--tokenizer", required=True, help="a local bert-base-uncased tokenizer folder")
@@ -163,7 +159,7 @@ def _convert_imagereward(argv: Sequence[str]) -> int:
 def _build_tiny_models(argv: Sequence[str]) -> int:
     from senseflow.eval.tiny_models import build_tiny_metric_models
 
-    p = _Parser(prog=f"{PROG} build-tiny-models",
+    p = RaisingParser(prog=f"{PROG} build-tiny-models",
                 description="Write tiny random metric models (FID Inception, CLIP, ImageReward) for CPU demos.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
@@ -176,7 +172,7 @@ def _build_tiny_models(argv: Sequence[str]) -> int:
 def _run(argv: Sequence[str]) -> int:
     from senseflow.eval.config import load_eval_config, to_yaml
 
-    p = _Parser(prog=PROG, description="Evaluate a distilled student (docs/method.md §19): generation + metrics.")
+    p = RaisingParser(prog=PROG, description="Evaluate a distilled student (docs/method.md §19): generation + metrics.")
     p.add_argument("--config", "--config_path", dest="config", help="eval YAML (configs/eval/*.yaml)")
     p.add_argument("--limit", type=int, default=None, help="generate at most N new images per folder, then stop")
     p.add_argument("--generate-only", action="store_true", help="generate the images, compute no metric")

@@ -15,7 +15,7 @@ normalisation, all from ``preprocessor_config.json``); prompts by its tokenizer,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +53,13 @@ class CLIPScorer:
                                     "to a folder holding the CLIP image processor and tokenizer)")
         self.device = torch.device(device)
         self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-        self.model.to(self.device).eval().requires_grad_(False)
+        module: torch.nn.Module = self.model  # moved as an nn.Module: transformers types PreTrainedModel.to through
+        module.to(self.device).eval().requires_grad_(False)  # a decorator that rejects a device
         self.tokenizer = AutoTokenizer.from_pretrained(str(proc), local_files_only=True)
         self.processor = CLIPImageProcessor.from_pretrained(str(proc), local_files_only=True)
         self.use_logit_scale = use_logit_scale
-        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+        text_config: Any = self.model.config.text_config  # a CLIPTextConfig once loaded (typed dict | None too)
+        self.max_length = int(text_config.max_position_embeddings)
 
     @torch.no_grad()
     def image_embeds(self, images: Sequence[Image.Image]) -> Tensor:

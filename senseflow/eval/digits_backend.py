@@ -73,7 +73,7 @@ def digits_metrics(samples: Mapping[int, Path], prompts: Sequence[str], meta: Se
     keep = [k for k, d in enumerate(labels) if d is not None]
     out: dict[str, Any] = {"n": len(idx), "n_labelled": len(keep), "accuracy": None, "fd_t": None, "fd_real": None}
     if keep:
-        out["accuracy"] = prompt_accuracy(images[keep], [labels[k] for k in keep], model)
+        out["accuracy"] = prompt_accuracy(images[keep], [d for d in labels if d is not None], model)
     if len(idx) >= 2:
         ours = feature_stats(images, model)
         if reference and len(reference) >= 2:

@@ -108,7 +108,8 @@ def check_record(folder: Path, record: Mapping[str, Any]) -> None:
 
 def pending(folder: Path, indices: Sequence[int]) -> tuple[list[int], list[int]]:
     """(missing, done): prompt indices whose PNG is not complete yet, and those that are."""
-    missing, done = [], []
+    missing: list[int] = []
+    done: list[int] = []
     for i in indices:
         (done if is_complete_png(image_path(folder, i)) else missing).append(int(i))
     return missing, done
@@ -156,8 +157,7 @@ def _bar(total: int, desc: str, progress: bool):
 def generate_student(plan: Any, family: Any, student: nn.Module, limit: int | None = None,
                      progress: bool = True, record: Mapping[str, Any] | None = None) -> GenerationResult:
     """Sample the plan's prompts that have no complete PNG yet (at most ``limit`` of them), batch by batch."""
-    from senseflow.inference import _encode, initial_latents, prompt_generator, to_uint8_images
-    from senseflow.method.sampling import make_anchors, sample_euler, sample_stochastic
+    from senseflow.inference import student_images
 
     folder = Path(plan.output_dir)
     if record is not None:
@@ -167,20 +167,9 @@ def generate_student(plan: Any, family: Any, student: nn.Module, limit: int | No
     todo = missing if limit is None else missing[: max(0, int(limit))]
     written: list[int] = []
     if todo:
-        schedule = family.schedule(plan.height, plan.width)
-        anchors = make_anchors(schedule, plan.steps).to(plan.device)
-        shape = family.latent_shape(plan.height, plan.width)
         bar = _bar(len(todo), f"student ({plan.spec.title})", progress)
-        for start in range(0, len(todo), plan.batch_size):
-            indices = todo[start:start + plan.batch_size]
-            cond = _encode(family, [texts_by_index[i] for i in indices], plan.height, plan.width)
-            gens = [prompt_generator(plan.seed, i) for i in indices]
-            noise = initial_latents(shape, gens, plan.device)
-            if plan.sampler == "euler":
-                x0 = sample_euler(family, student, cond, anchors, latents=noise, schedule=schedule)
-            else:
-                x0 = sample_stochastic(family, student, cond, anchors, gens, latents=noise, schedule=schedule)
-            for i, img in zip(indices, to_uint8_images(family.decode_latents(x0.float()))):
+        for indices, images in student_images(plan, family, student, [(i, texts_by_index[i]) for i in todo]):
+            for i, img in zip(indices, images):
                 save_png_atomic(img, image_path(folder, i))
                 written.append(i)
             bar.update(len(indices))

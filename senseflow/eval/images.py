@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from senseflow.core.io import atomic_write
 
 __all__ = ["image_name", "image_path", "is_complete_png", "save_png_atomic", "indexed_images", "load_rgb",
            "load_batch", "batched"]
@@ -54,17 +55,7 @@ def save_png_atomic(image: Image.Image, path: Path | str) -> Path:
     """Save ``image`` as PNG at ``path`` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), fsync=True)
 
 
 def indexed_images(folder: Path | str, indices: Iterable[int] | None = None) -> dict[int, Path]:

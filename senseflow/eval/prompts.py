@@ -87,7 +87,8 @@ def _load_json(path: Path, key: str) -> PromptSet:
         data = data["prompts"]
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty JSON list of prompts")
-    prompts, meta = [], []
+    prompts: list[str] = []
+    meta: list[Any] = []
     for i, item in enumerate(data):
         if isinstance(item, str):
             prompts.append(_clean(item, f"{path} item {i}"))

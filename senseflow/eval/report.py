@@ -83,11 +83,11 @@ def markdown_table(results: Mapping[str, MetricResult], row_name: str, block: st
         lines += ["", *notes]
     digits = results.get("digits")
     if digits is not None and digits.status == "ok":
-        d = digits.details
+        details = digits.details
         lines += ["", "### Digits demo", "", _row(["method", "prompt accuracy", "FD-T", "FD-real"]),
                   _row(["---"] * 4),
-                  _row([f"**{row_name}**", format_value(d.get("accuracy"), 4), format_value(d.get("fd_t"), 3),
-                        format_value(d.get("fd_real"), 3)])]
+                  _row([f"**{row_name}**", format_value(details.get("accuracy"), 4),
+                        format_value(details.get("fd_t"), 3), format_value(details.get("fd_real"), 3)])]
     return "\n".join(lines) + "\n"
 
 

@@ -14,23 +14,24 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 __all__ = ["build_tiny_inception", "build_tiny_clip", "build_tiny_image_reward", "build_tiny_metric_models",
            "TINY_CLIP", "TINY_BLIP_VISION", "TINY_BLIP_TEXT"]
 
-TINY_CLIP = dict(
+TINY_CLIP: dict[str, Any] = dict(
     text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                      max_position_embeddings=77, hidden_act="gelu"),
     vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                        image_size=32, patch_size=8, hidden_act="gelu"),
     projection_dim=16,
 )
-TINY_BLIP_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                        image_size=32, patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu")
-TINY_BLIP_TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+TINY_BLIP_VISION: dict[str, Any] = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=32, patch_size=8, layer_norm_eps=1e-6,
+                                         hidden_act="gelu")
+TINY_BLIP_TEXT: dict[str, Any] = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       max_position_embeddings=40, encoder_hidden_size=32, layer_norm_eps=1e-12, hidden_act="gelu",
                       pad_token_id=0)
 TINY_HEAD = (32, 16, 8, 1)

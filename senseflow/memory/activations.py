@@ -16,7 +16,7 @@ class _FlashAttention(torch.autograd.Function):
     log-sum-exp (B, H, S_q), as flash / memory-efficient attention do (no S_q × S_k matrix)."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         out = q.new_empty(tuple(q.shape[:-1]) + (v.shape[-1],))
         lse = q.new_empty(tuple(q.shape[:-1]), dtype=torch.float32)
         saved = (q, k, v, out, lse) + ((mask,) if mask is not None else ())

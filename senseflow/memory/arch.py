@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from senseflow.memory.budget import MemoryPlanError
 
@@ -39,8 +38,11 @@ def load_arch_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def build_meta(config: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
-    """Instantiate the network a diffusers / transformers config describes, on ``device`` (meta: no memory)."""
+def build_meta(config: dict[str, Any], device: str | torch.device = "meta") -> Any:
+    """Instantiate the network a diffusers / transformers config describes, on ``device`` (meta: no memory).
+
+    Typed Any: a diffusers ``ModelMixin`` or transformers ``PreTrainedModel``, whose ``config`` attributes are
+    dynamic."""
     with torch.device(device):
         if "_class_name" in config:
             import diffusers
@@ -67,11 +69,11 @@ def _no_power_iterations() -> Any:
 
     cls = parametrizations._SpectralNorm
     original = cls._power_method
-    cls._power_method = lambda self, weight_mat, n_power_iterations: None
+    setattr(cls, "_power_method", lambda self, weight_mat, n_power_iterations: None)  # a deliberate monkeypatch
     try:
         yield
     finally:
-        cls._power_method = original
+        setattr(cls, "_power_method", original)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from senseflow.core.dtypes import DTYPES
+
 GIB = 1024**3
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes: tensors with fewer elements keep 32-bit states
 BNB_BLOCK = 256  # bitsandbytes block-wise quantisation block size (one fp32 absmax per block and state)
 BNB_QMAP_BYTES = 256 * 4  # one 256-entry fp32 quantisation map per state

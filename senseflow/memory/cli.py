@@ -1,12 +1,12 @@
 """The ``senseflow memory`` command line (also ``python -m senseflow.memory``)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from senseflow.core.argparsing import RaisingParser
 from senseflow.memory.arch import arch_names
 from senseflow.memory.budget import DTYPE_BYTES, MemoryPlanError
 from senseflow.memory.plan import plan_memory
@@ -17,9 +17,8 @@ class _ArgError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _ArgError(message)
+class _Parser(RaisingParser):
+    error_type = _ArgError
 
 
 def main_memory(argv: Sequence[str] | None = None) -> int:

@@ -3,15 +3,19 @@ the trace of one iteration's forwards with grad at the config's resolution and p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
+from senseflow.core.dtypes import DTYPES
+from senseflow.core.family import vae_factor
 from senseflow.memory.activations import ActivationProfile, _Traces, trace_activations
 from senseflow.memory.arch import _no_power_iterations, build_meta, load_arch_config
 from senseflow.memory.budget import MemoryPlanError, _Net
-from senseflow.models.families.loading import vae_factor
+
+if TYPE_CHECKING:
+    from senseflow.models.discriminator import VFMDiscriminator
 
 # the discriminator's backbones when its configs are not local folders
 _DISC_BACKBONE, _DISC_TEXT = "dinov2_large", "clip_vit_l14_text_with_projection"
@@ -54,7 +58,7 @@ def _denoiser_inputs(cfg: Any, config: dict[str, Any], batch: int, lat: int, dty
     return lambda net: net(**inputs, return_dict=False)[0]
 
 
-def _discriminator(cfg: Any, dino: nn.Module, c_dim: int) -> tuple[nn.Module | None, str]:
+def _discriminator(cfg: Any, dino: nn.Module, c_dim: int) -> tuple[VFMDiscriminator | None, str]:
     """The real VFMDiscriminator built on meta around the meta DINOv2 (None if its constructor does not fit)."""
     d = cfg.discriminator
     try:
@@ -77,7 +81,8 @@ def analytic_head_params(channels: int, c_dim: int, cmap_dim: int, downsample: i
 
 
 def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded: bool,
-                    disc_backbone_dtype: str) -> tuple[str, dict[str, Any], list[_Net], nn.Module | None, list[str]]:
+                    disc_backbone_dtype: str
+                    ) -> tuple[str, dict[str, Any], list[_Net], VFMDiscriminator | None, list[str]]:
     """(teacher arch name, its config, the run's networks on meta, the meta VFMDiscriminator or None, notes)."""
     fam = _family(cfg)
     arch, den_cfg = _resolve_denoiser(cfg, denoiser)
@@ -133,13 +138,13 @@ def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded:
     return arch, student_cfg, nets, disc, notes
 
 
-def _trace_run(cfg: Any, student_cfg: dict[str, Any], nets: list[_Net], disc: nn.Module | None,
+def _trace_run(cfg: Any, student_cfg: dict[str, Any], nets: list[_Net], disc: VFMDiscriminator | None,
                disc_backbone_dtype: str) -> _Traces:
     """Trace the forwards with grad of one iteration at the config's resolution and per-GPU batch."""
     fam, batch, res = _family(cfg), int(cfg.train.batch_size), int(cfg.teacher.resolution)
     compute = None if cfg.train.mixed_precision == "fp32" else torch.bfloat16
-    by = {n.key: n.module for n in nets}
-    vae = by["vae"].to(getattr(torch, cfg.teacher.vae_dtype))
+    by: dict[str, Any] = {n.key: n.module for n in nets}  # diffusers / transformers models (dynamic configs)
+    vae = by["vae"].to(DTYPES[cfg.teacher.vae_dtype])
     lat = res // vae_factor(vae.config)  # latent side (VAE downsampling 8)
     gen = by["generator"].to(compute or torch.float32)  # FSDP2 MixedPrecisionPolicy: blocks compute in bf16
     units = fam.checkpoint_units or tuple(t.__name__ for t in fam.block_types())
@@ -147,7 +152,7 @@ def _trace_run(cfg: Any, student_cfg: dict[str, Any], nets: list[_Net], disc: nn
                             compute)
     gen.float()
     channels = int(vae.config.latent_channels)
-    z = torch.zeros(batch, channels, lat, lat, device="meta", dtype=getattr(torch, cfg.teacher.vae_dtype),
+    z = torch.zeros(batch, channels, lat, lat, device="meta", dtype=DTYPES[cfg.teacher.vae_dtype],
                     requires_grad=True)
     batch_tensors = 2 * batch * 3 * res * res * 4 + 3 * batch * channels * lat * lat * 4  # pixels; latents, x_in
     empty = ActivationProfile()
@@ -156,9 +161,9 @@ def _trace_run(cfg: Any, student_cfg: dict[str, Any], nets: list[_Net], disc: nn
     decode = lambda m: m.decode(z).sample  # noqa: E731
     vae_prof = trace_activations(vae, decode, ("ResnetBlock2D", "Attention"), compute)
     vae_ckpt = trace_activations(vae, decode, ("UNetMidBlock2D", "UpDecoderBlock2D"), compute)
-    disc.to(getattr(torch, disc_backbone_dtype))
+    disc.to(DTYPES[disc_backbone_dtype])
     disc.heads.float()
-    dino_cfg = disc.dino.config
+    dino_cfg: Any = disc.dino.config  # a transformers Dinov2Config
     judged = res if cfg.discriminator.resolution is None else int(cfg.discriminator.resolution)
     side = judged // int(dino_cfg.patch_size)
     refs = [torch.zeros(batch, int(dino_cfg.hidden_size), side, side, device="meta") for _ in range(len(disc.heads))]

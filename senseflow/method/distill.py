@@ -8,19 +8,24 @@ declares the players and the trainer steps them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from senseflow.core import rng as draws
+from senseflow.core.checks import need
+from senseflow.core.condition import Condition
+from senseflow.core.family import TeacherFamily
+from senseflow.core.rng import RunRNG
+from senseflow.core.schedules import Schedule, TimestepSampler
 from senseflow.method import dmd, gan, isg
-from senseflow.method import rng as draws
 from senseflow.method.guidance import draw_guidance_scale
 from senseflow.method.isg import ISGOptions, draw_midpoint
-from senseflow.method.rng import RunRNG
 from senseflow.method.sampling import backward_simulate
-from senseflow.method.schedules import Schedule, TimestepSampler
-from senseflow.models.families.base import Condition, TeacherFamily
+
+if TYPE_CHECKING:
+    from senseflow.models.dmd2_head import DMD2Classifier
 
 
 def sampler_from(cfg: Any) -> TimestepSampler:
@@ -83,7 +88,7 @@ class Distiller:
         fake: nn.Module,
         discriminator: nn.Module | None = None,
         text_conditioner: nn.Module | None = None,
-        dmd2_head: nn.Module | None = None,
+        dmd2_head: DMD2Classifier | None = None,
     ) -> None:
         self.cfg = method_cfg
         self.family, self.schedule, self.anchors = family, schedule, anchors
@@ -96,7 +101,7 @@ class Distiller:
         self.use_cls = bool(method_cfg.dmd2_cls.enabled) and dmd2_head is not None
         self.isg_options = ISGOptions.from_config(method_cfg.isg)
         # grid indices for the reference GAN weight of the families that read the σ table at them (§10: SD3.5)
-        self.gan_anchor_indices = gan.reference_anchor_indices(getattr(family, "name", None), schedule, anchors)
+        self.gan_anchor_indices = gan.reference_anchor_indices(family, schedule, anchors)
 
     # ---- shared draws ------------------------------------------------------------------------------------
     def draw_decisions(self, rng: RunRNG) -> Decisions:
@@ -131,9 +136,10 @@ class Distiller:
     def generator_loss(self, mb: MicroBatch, d: Decisions) -> tuple[Tensor, dict[str, float]]:
         """L_G = w_DMD·L_DMD + L_adv + λ_ISG·L_ISG (+ DMD2's classifier term); ``mb.pred`` carries grad."""
         c = self.cfg
+        x0_hat, pred = need(mb.x0_hat, "the generator's estimate x0_hat"), need(mb.pred, "the generator's prediction")
         logs: dict[str, float] = {}
         loss_dmd, dmd_logs = dmd.distribution_matching_loss(
-            self.family, self.schedule, self.teacher, self.fake, mb.x0_hat, mb.cond,
+            self.family, self.schedule, self.teacher, self.fake, x0_hat, mb.cond,
             self.dmd_sampler, d.dmd_guidance, mb.noise, eps=float(c.dmd.normalizer_eps),
         )
         total = float(c.dmd.weight) * loss_dmd
@@ -141,22 +147,22 @@ class Distiller:
         logs["loss/dmd"] = float(loss_dmd.detach())
         if self.use_isg:
             loss_isg, isg_logs = isg.isg_loss(
-                self.family, self.schedule, self.generator, self.teacher, mb.x_in, mb.pred, d.k, self.anchors,
+                self.family, self.schedule, self.generator, self.teacher, mb.x_in, pred, d.k, self.anchors,
                 mb.cond, d.isg_guidance, self.isg_options, None, tau_mid=d.isg_mid,
             )
             total = total + float(c.isg.weight) * loss_isg
             logs["loss/isg"] = float(loss_isg.detach())
             logs.update({f"isg/{k}": v for k, v in isg_logs.items()})
         if self.use_gan:
-            img = self.family.decode_latents(mb.x0_hat.float())
+            img = self.family.decode_latents(x0_hat.float())
             mb.fake_pixels = img.detach().float()  # D's fake sample this iteration: decoded once, reused
-            logits = self.discriminator(img, mb.text_embed, mb.ref_feats, mb.noise)
+            logits = need(self.discriminator, "the discriminator")(img, mb.text_embed, mb.ref_feats, mb.noise)
             w = self.time_weight(mb.tau_k, d.k)
             loss_adv = float(c.gan.weight) * gan.generator_hinge_loss(logits, w)
             total = total + loss_adv
             logs["loss/adv"] = float(loss_adv.detach())
         if self.use_cls:
-            loss_cls = self.dmd2_head.generator_loss(self.fake, mb.x0_hat, mb.cond, mb.noise)
+            loss_cls = need(self.dmd2_head, "the DMD2 head").generator_loss(self.fake, x0_hat, mb.cond, mb.noise)
             total = total + float(c.dmd2_cls.gen_weight) * loss_cls
             logs["loss/gen_cls"] = float(loss_cls.detach())
         logs["loss/generator"] = float(total.detach())
@@ -173,13 +179,15 @@ class Distiller:
     # ---- fake score (§6) -------------------------------------------------------------------------------------
     def fake_loss(self, mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         """L_F on the detached generator sample (+ DMD2's guidance classifier term)."""
+        x0_hat = need(mb.x0_hat, "the generator's estimate x0_hat").detach()
         loss, logs = dmd.fake_score_loss(
-            self.family, self.schedule, self.fake, mb.x0_hat.detach(), mb.cond, self.fake_sampler, mb.noise
+            self.family, self.schedule, self.fake, x0_hat, mb.cond, self.fake_sampler, mb.noise
         )
         out = {f"fake/{k}": v for k, v in logs.items()}
         out["loss/fake"] = float(loss.detach())
         if self.use_cls:
-            cls_loss = self.dmd2_head.guidance_loss(self.fake, mb.x0_hat.detach(), mb.real_latents, mb.cond, mb.noise)
+            head = need(self.dmd2_head, "the DMD2 head")
+            cls_loss = head.guidance_loss(self.fake, x0_hat, mb.real_latents, mb.cond, mb.noise)
             loss = loss + float(self.cfg.dmd2_cls.guidance_weight) * cls_loss
             out["loss/guidance_cls"] = float(cls_loss.detach())
         return loss, out
@@ -188,8 +196,10 @@ class Distiller:
     def discriminator_loss(self, mb: MicroBatch, k: int) -> tuple[Tensor, dict[str, float]]:
         """Hinge loss on real r and detached fake decode, both weighted by the generator's w(τ_k)."""
         w = self.time_weight(mb.tau_k, k)
-        real_logits = self.discriminator(mb.real_pixels, mb.text_embed, mb.ref_feats, mb.noise)
-        fake_logits = self.discriminator(mb.fake_pixels.detach(), mb.text_embed, mb.ref_feats, mb.noise)
+        disc = need(self.discriminator, "the discriminator")
+        real_logits = disc(mb.real_pixels, mb.text_embed, mb.ref_feats, mb.noise)
+        fake = need(mb.fake_pixels, "the decoded fake sample").detach()
+        fake_logits = disc(fake, mb.text_embed, mb.ref_feats, mb.noise)
         loss_real = gan.discriminator_hinge_loss(real_logits, w, real=True)
         loss_fake = gan.discriminator_hinge_loss(fake_logits, w, real=False)
         loss = loss_real + loss_fake

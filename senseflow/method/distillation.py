@@ -18,31 +18,36 @@ micro-batches and the players, and the generic trainer (:mod:`senseflow.trainer.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
 
 from senseflow import dist as sfdist
+from senseflow.core.checks import need
+from senseflow.core.dtypes import parse_dtype
+from senseflow.core.modules import unwrap
+from senseflow.core.rng import RunRNG
 from senseflow.method.distill import Decisions, Distiller, MicroBatch, sampler_from
 from senseflow.method.ida import ida_update
+from senseflow.method.optim import EMA, build_optimizer, build_scheduler
 from senseflow.method.players import Player, Runtime, Stateful
-from senseflow.method.rng import RunRNG
 from senseflow.method.sampling import sample_stochastic
 from senseflow.models.families import build_family
-from senseflow.trainer.checkpoint import STUDENT_EMA_FILE, STUDENT_FILE
-from senseflow.trainer.optim import EMA, build_optimizer, build_scheduler
 
-__all__ = ["Distillation", "build_discriminator", "dtype_of"]
+if TYPE_CHECKING:
+    from senseflow.models.discriminator import TextConditioner, VFMDiscriminator
+    from senseflow.models.dmd2_head import DMD2Classifier
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["Distillation", "build_discriminator", "STUDENT_FILE", "STUDENT_EMA_FILE"]
+
+#: the consolidated generator and its EMA, written beside every checkpoint (:meth:`Distillation.exports`) and read
+#: by inference, export and evaluation (:data:`senseflow.checkpoint_io.STUDENT_FILES`)
+STUDENT_FILE = "student.safetensors"
+STUDENT_EMA_FILE = "student_ema.safetensors"
 
 
-def dtype_of(name: str) -> torch.dtype:
-    return _DTYPES[str(name)]
-
-
-def build_discriminator(cfg: Any, device: torch.device) -> tuple[nn.Module, nn.Module]:
+def build_discriminator(cfg: Any, device: torch.device) -> tuple[TextConditioner, VFMDiscriminator]:
     """The CLIP text conditioner and the VFM discriminator D_ψ of ``cfg.discriminator`` (§9), heads replicated from
     rank 0's initialisation. The memory plan builds D through the same ``VFMDiscriminator.from_config``."""
     from senseflow.models.discriminator import TextConditioner, VFMDiscriminator, load_discriminator_backbones
@@ -82,7 +87,8 @@ class Distillation:
 
         def teacher_full() -> nn.Module:
             if "teacher" not in host:
-                host["teacher"] = self.family.load_denoiser(dtype_of(t.dtype), device="cpu" if fsdp else None)
+                dtype = parse_dtype(t.dtype, "teacher.dtype")
+                host["teacher"] = self.family.load_denoiser(dtype, device="cpu" if fsdp else None)
             return host["teacher"]
 
         def student() -> nn.Module:
@@ -92,7 +98,9 @@ class Distillation:
         self.fake = sfdist.build_sharded(student, self.info, opts, trainable=True)
         self.teacher = sfdist.build_sharded(teacher_full, self.info, opts, trainable=False)
         host.clear()
-        self.discriminator = self.text_conditioner = self.dmd2_head = None
+        self.discriminator: VFMDiscriminator | None = None
+        self.text_conditioner: TextConditioner | None = None
+        self.dmd2_head: DMD2Classifier | None = None
         if bool(cfg.method.gan.enabled):
             self.text_conditioner, self.discriminator = build_discriminator(cfg, self.device)
         if bool(cfg.method.dmd2_cls.enabled):
@@ -100,7 +108,7 @@ class Distillation:
 
             latent_hw = self.family.latent_shape(res, res)[1:]
             self.dmd2_head = DMD2Classifier.for_unet(
-                sfdist.unwrap(self.fake), latent_hw, self.family, self.schedule,
+                unwrap(self.fake), latent_hw, self.family, self.schedule,
                 sampler_from(cfg.method.dmd2_cls.timestep),
             ).to(self.device)
             sfdist.broadcast_module(self.dmd2_head)  # replicated: every rank starts from rank 0's initialisation
@@ -113,7 +121,7 @@ class Distillation:
     def _build_players(self) -> list[Player]:
         o, ema = self.cfg.optimizer, self.cfg.train.ema
         self.ema = (
-            EMA(sfdist.unwrap(self.generator), float(ema.decay), float(ema.warmup)) if bool(ema.enabled) else None
+            EMA(unwrap(self.generator), float(ema.decay), float(ema.warmup)) if bool(ema.enabled) else None
         )
 
         def player(name: str, module: nn.Module, lr: float, loss: Callable, **kw: Any) -> Player:
@@ -123,8 +131,9 @@ class Distillation:
         after_g: list[Callable[[], None]] = []
         if bool(self.cfg.method.ida.enabled):
             after_g.append(self.ida)
-        if self.ema is not None:
-            after_g.append(lambda: self.ema.update(sfdist.unwrap(self.generator)))
+        ema_g = self.ema
+        if ema_g is not None:
+            after_g.append(lambda: ema_g.update(unwrap(self.generator)))
         heads = self.discriminator.heads if self.discriminator is not None else None
         # F's optimiser also holds the DMD2 classifier head when there is one: one module, one optimiser
         fake = self.fake if self.dmd2_head is None else nn.ModuleDict({"fake": self.fake, "dmd2_head": self.dmd2_head})
@@ -170,7 +179,9 @@ class Distillation:
                 real_pixels = batch["pixels"].to(self.device, torch.float32)
                 real_latents = self.family.encode_pixels(real_pixels, generator=noise).float()
             text_embed = self.text_conditioner(captions) if self.text_conditioner is not None else None
-            ref_feats = self.discriminator.reference_features(real_pixels) if self.discriminator is not None else None
+            ref_feats = None
+            if self.discriminator is not None:
+                ref_feats = self.discriminator.reference_features(need(real_pixels, "the real pixels"))
             with self.autocast():
                 x_in, tau_k = self.distiller.generator_input(real_latents, cond, d, noise)
         return MicroBatch(cond=cond, text_embed=text_embed, real_pixels=real_pixels, real_latents=real_latents,
@@ -182,10 +193,11 @@ class Distillation:
         with torch.set_grad_enabled(due), self.autocast():
             mb.pred = self.family.predict(self.generator, mb.x_in, mb.tau_k, mb.cond).float()
             mb.x0_hat = self.schedule.x0_from(mb.x_in, mb.pred, mb.tau_k)
-        loss, logs = None, {}
+        loss: Tensor | None = None
+        logs: dict[str, float] = {}
         if due:
             with self.autocast():
-                loss, logs = self.distiller.generator_loss(mb, mb.decisions)
+                loss, logs = self.distiller.generator_loss(mb, need(mb.decisions, "the iteration's decisions"))
         mb.x0_hat, mb.pred = mb.x0_hat.detach(), None
         if self.discriminator is not None and mb.fake_pixels is None:
             with torch.no_grad():
@@ -200,7 +212,7 @@ class Distillation:
     def discriminator_loss(self, mb: MicroBatch, due: bool) -> tuple[Tensor, dict[str, float]]:
         """D's hinge loss on real r and the detached fake decode, weighted by w(τ_k)."""
         with self.autocast():
-            return self.distiller.discriminator_loss(mb, mb.decisions.k)
+            return self.distiller.discriminator_loss(mb, need(mb.decisions, "the iteration's decisions").k)
 
     # ================================================================== checkpoints, exports, previews
     def extra_state(self) -> dict[str, Stateful]:
@@ -219,7 +231,8 @@ class Distillation:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        student = get_model_state_dict(self.generator, options=opts)
+        # a full, CPU-offloaded model state dict holds plain tensors only
+        student = cast(dict[str, Tensor], get_model_state_dict(self.generator, options=opts))
         out = {STUDENT_FILE: student}
         if self.ema is not None:
             out[STUDENT_EMA_FILE] = self.ema.full_weights(student)

@@ -24,27 +24,24 @@ start with ``image/`` when ``keep_images`` is set (previews of §15).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from senseflow.method import rng
+from senseflow.core.condition import Condition
+from senseflow.core.family import TeacherFamily
+from senseflow.core.rng import NoiseSource, gaussian_like
+from senseflow.core.schedules import Schedule, TimestepSampler
 from senseflow.method.guidance import guided_prediction
-from senseflow.method.schedules import Schedule, TimestepSampler
-from senseflow.models.families.base import Condition, TeacherFamily
 
 __all__ = [
-    "gaussian_like",
     "scalar_logs",
     "dmd_gradient",
     "dmd_loss",
     "distribution_matching_loss",
     "fake_score_loss",
 ]
-
-
-def gaussian_like(x: Tensor, generator: torch.Generator) -> Tensor:
-    """ε ~ N(0, I) shaped like ``x``, drawn in fp32 on the generator's device, then moved to x's device/dtype."""
-    return rng.randn(tuple(x.shape), generator, device=x.device).to(x.dtype)
 
 
 def scalar_logs(**values: Tensor | float) -> dict[str, float]:
@@ -98,7 +95,7 @@ def distribution_matching_loss(
     cond: Condition,
     sampler: TimestepSampler,
     guidance_scale: float,
-    noise_gen: torch.Generator,
+    noise_gen: NoiseSource,
     eps: float = 1e-8,
     keep_images: bool = False,
 ) -> tuple[Tensor, dict]:
@@ -119,7 +116,7 @@ def distribution_matching_loss(
         real_x0 = schedule.x0_from(x_tau, real_pred.float(), tau).float()
         g = dmd_gradient(x0, fake_x0, real_x0, eps)
     loss = dmd_loss(x0_hat, g)
-    logs = scalar_logs(
+    logs: dict[str, Any] = scalar_logs(
         loss=loss,
         grad_abs_mean=g.abs().mean(),
         grad_norm=g.flatten(1).norm(dim=1).mean(),
@@ -139,7 +136,7 @@ def fake_score_loss(
     x0: Tensor,
     cond: Condition,
     sampler: TimestepSampler,
-    noise_gen: torch.Generator,
+    noise_gen: NoiseSource,
     keep_images: bool = False,
 ) -> tuple[Tensor, dict]:
     """L_F of §6: mean((F(x_τ, τ, c) − pred_from(x_τ, x₀, ε, τ))²) on the detached sample ``x0``.
@@ -154,7 +151,7 @@ def fake_score_loss(
     pred = family.predict(fake, x_tau, tau, cond)
     target = schedule.pred_from(x_tau, x0, noise, tau)
     loss = ((pred.float() - target.float()) ** 2).mean()
-    logs = scalar_logs(loss=loss, tau_mean=tau.double().mean())
+    logs: dict[str, Any] = scalar_logs(loss=loss, tau_mean=tau.double().mean())
     if keep_images:
         with torch.no_grad():
             logs["image/fake_x0"] = schedule.x0_from(x_tau, pred.detach().float(), tau)

@@ -15,15 +15,16 @@ Time weights (docs/method.md, decision 3):
 * ``reference``: §10 as coded, per teacher family: DDPM (SDXL) √ᾱ_t (power 1); FLUX (1 − σ)²; SD3.5 reads the
   *descending* table at the *ascending* grid index i of the anchor (pass ``anchor_index``):
   w = σ_desc[i]² = ``tau_from_index(N − 1 − i)``² = s₃((N − i)/N)² (≈ 9.0e-6, 0.2513, 0.5636, 0.8109).
-  :func:`reference_anchor_indices` gives those indices for the families that need them (whatever
-  ``schedule.anchors`` is), ``None`` for the others.
+  :func:`reference_anchor_indices` gives those indices for the families that declare it
+  (``TeacherFamily.gan_reference_misindexed``, whatever ``schedule.anchors`` is), ``None`` for the others.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from senseflow.method.schedules import DDPMSchedule, Schedule
+from senseflow.core.family import TeacherFamily
+from senseflow.core.schedules import DDPMSchedule, Schedule
 
 __all__ = [
     "hinge_real_per_sample",
@@ -33,14 +34,10 @@ __all__ = [
     "discriminator_hinge_loss",
     "generator_hinge_loss",
     "gan_time_weight",
-    "MISINDEXED_REFERENCE_FAMILIES",
     "reference_anchor_indices",
 ]
 
 _MODES = ("paper", "reference")
-#: teacher families (``TeacherFamily.name``) whose reference trainer reads the GAN weight from the descending σ table
-#: at the anchor's ascending grid index (§10: SD3.5 Medium and Large); other flow families use (1 − σ)²
-MISINDEXED_REFERENCE_FAMILIES: tuple[str, ...] = ("sd3",)
 
 
 def _per_sample_mean(logits: Tensor) -> Tensor:
@@ -108,11 +105,11 @@ def gan_time_weight(
     return ((1.0 - sigma) ** 2).float()
 
 
-def reference_anchor_indices(family_name: str | None, schedule: Schedule, anchors: Tensor) -> list[int] | None:
+def reference_anchor_indices(family: TeacherFamily, schedule: Schedule, anchors: Tensor) -> list[int] | None:
     """The ``anchor_index`` of each anchor for :func:`gan_time_weight`: the grid index nearest to τ_k (SD3.5 with
-    the preset anchors: 999, 749, 499, 249) when ``family_name`` is one of :data:`MISINDEXED_REFERENCE_FAMILIES` and
-    the schedule is a flow one, else ``None`` (DDPM, FLUX: the reference weight needs no index)."""
-    if isinstance(schedule, DDPMSchedule) or family_name not in MISINDEXED_REFERENCE_FAMILIES:
+    the preset anchors: 999, 749, 499, 249) when the family's own class declares ``gan_reference_misindexed`` (not
+    inherited) and the schedule is a flow one, else ``None`` (DDPM, FLUX: the reference weight needs no index)."""
+    if isinstance(schedule, DDPMSchedule) or not vars(type(family)).get("gan_reference_misindexed", False):
         return None
     from senseflow.method.isg import anchor_grid_indices
 

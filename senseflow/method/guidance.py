@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from senseflow.models.families.base import Condition, TeacherFamily
+from senseflow.core.condition import Condition
+from senseflow.core.family import TeacherFamily
 
 __all__ = ["draw_guidance_scale", "guided_prediction"]
 

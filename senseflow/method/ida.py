@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-
-try:  # torch ≥ 2.4
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - very old torch
-    DTensor = ()  # type: ignore[assignment]
+from torch.distributed.tensor import DTensor
 
 __all__ = ["ida_update"]
 
@@ -36,7 +32,7 @@ def _check_pair(name: str, phi: Tensor, theta: Tensor) -> None:
         )
     if phi.shape != theta.shape:
         raise ValueError(f"IDA: parameter {name!r} has shape {tuple(phi.shape)} in F but {tuple(theta.shape)} in G")
-    if phi_d:
+    if isinstance(phi, DTensor) and isinstance(theta, DTensor):
         if phi.placements != theta.placements or phi.device_mesh != theta.device_mesh:
             raise ValueError(
                 f"IDA: parameter {name!r} is sharded differently in F ({phi.placements}) and G ({theta.placements})"
@@ -78,7 +74,7 @@ def ida_update(fake: nn.Module, generator: nn.Module, lam: float) -> int:
             f"IDA: {len(missing)} trainable generator parameter(s) have no same-named parameter in the fake score: "
             f"{shown}{' …' if len(missing) > 5 else ''}"
         )
-    for phi, theta in pairs:
-        phi_l, theta_l = _local(phi), _local(theta)
+    for phi_t, theta_t in pairs:
+        phi_l, theta_l = _local(phi_t), _local(theta_t)
         phi_l.mul_(lam).add_(theta_l.to(phi_l.dtype), alpha=1.0 - lam)
     return len(pairs)

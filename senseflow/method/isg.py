@@ -49,10 +49,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from senseflow.core.condition import Condition
+from senseflow.core.family import TeacherFamily
+from senseflow.core.schedules import Schedule
 from senseflow.method.dmd import scalar_logs
 from senseflow.method.guidance import guided_prediction
-from senseflow.method.schedules import Schedule
-from senseflow.models.families.base import Condition, TeacherFamily
 
 __all__ = [
     "ISGOptions",
@@ -160,9 +161,9 @@ def midpoint_range(schedule: Schedule, anchors: Tensor, k: int, margin: int, mar
         end = int(idx[k + 1]) if k + 1 < anchors.numel() else 0
         lo, hi = end + margin, start - margin
     elif margin_space == "timestep":
-        start = _snap(_timestep_units(schedule, float(anchors[k])))
-        end = _snap(_timestep_units(schedule, float(anchors[k + 1]))) if k + 1 < anchors.numel() else 0.0
-        lo, hi = math.ceil(end) + margin, math.floor(start) - margin
+        t_start = _snap(_timestep_units(schedule, float(anchors[k])))
+        t_end = _snap(_timestep_units(schedule, float(anchors[k + 1]))) if k + 1 < anchors.numel() else 0.0
+        lo, hi = math.ceil(t_end) + margin, math.floor(t_start) - margin
     else:
         raise ValueError(f"isg.margin_space: {margin_space!r} is not one of {', '.join(_SPACES)}")
     if lo > hi:
@@ -275,7 +276,11 @@ def isg_loss(
     opts = options if isinstance(options, ISGOptions) else ISGOptions.from_config(options)
     _check_k(anchors, k)
     b = x_in.shape[0]
-    tau_m = tau_mid if tau_mid is not None else draw_midpoint(schedule, anchors, k, opts, shared_gen)
+    if tau_mid is None:
+        if shared_gen is None:
+            raise ValueError("isg_loss: pass tau_mid or the shared generator to draw it from")
+        tau_mid = draw_midpoint(schedule, anchors, k, opts, shared_gen)
+    tau_m = tau_mid
     tau_k = anchors[k].to(x_in.device).expand(b)
     tau_m_b = tau_m.to(x_in.device).expand(b)
     tau_next = segment_end(schedule, anchors, k, opts.last_segment_end, x_in)
@@ -284,7 +289,8 @@ def isg_loss(
         guidance_scale, opts.mode, opts.midpoint_model,
     )
     loss = isg_distance(x_dir, x_tar, opts.loss, opts.huber_c)
-    logs = scalar_logs(loss=loss, tau_mid=tau_m.double(), diff_abs_mean=(x_dir.detach() - x_tar).abs().mean())
+    diff = (x_dir.detach() - x_tar).abs().mean()
+    logs: dict[str, Any] = scalar_logs(loss=loss, tau_mid=tau_m.double(), diff_abs_mean=diff)
     logs["guidance_scale"] = float(guidance_scale)
     if keep_images:
         logs.update({"image/x_dir": x_dir.detach(), "image/x_tar": x_tar})

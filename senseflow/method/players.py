@@ -30,8 +30,8 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from senseflow.core.rng import RunRNG
 from senseflow.dist import DistInfo, ShardOptions
-from senseflow.method.rng import RunRNG
 
 __all__ = ["Player", "Method", "Runtime", "Stateful", "frozen"]
 

@@ -20,61 +20,35 @@ the distilled-guidance embedding for FLUX); the student takes none.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from senseflow.method import rng
-from senseflow.method.schedules import FlowSchedule, Schedule
-from senseflow.models.families.base import Condition, TeacherFamily
+from senseflow.core import rng
+from senseflow.core.anchors import make_anchors  # noqa: F401  (senseflow/benchmark/evaluator.py imports it from here)
+from senseflow.core.condition import Condition
+from senseflow.core.family import TeacherFamily
+from senseflow.core.schedules import Schedule
 
 __all__ = [
-    "anchor_indices",
-    "flow_anchor_grid",
-    "make_anchors",
     "initial_noise",
     "sample_stochastic",
     "sample_euler",
     "backward_simulate",
+    "Sampler",
+    "SAMPLERS",
+    "get_sampler",
 ]
 
-
-# ---- anchors -------------------------------------------------------------------------------------------------
-
-def anchor_indices(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """Grid indices i_k = (T − 1) − k·⌊T/K⌋, k = 0..K−1 (K = 4, T = 1000: 999, 749, 499, 249).
-
-    For SDXL these are the anchors t_k themselves (docs/method.md §4.1).
-    """
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
-    stride = num_train_timesteps // num_steps
-    return [num_train_timesteps - 1 - k * stride for k in range(num_steps)]
-
-
-def flow_anchor_grid(num_steps: int) -> list[float]:
-    """The unshifted flow grid u_k = 1 − k/K (K = 4: 1, .75, .5, .25)."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be positive, got {num_steps}")
-    return [1.0 - k / num_steps for k in range(num_steps)]
-
-
-def make_anchors(schedule: Schedule, num_steps: int) -> Tensor:
-    """K evenly spaced generator anchors τ₀ > … > τ_{K−1} for ``schedule``.
-
-    Flow: σ_k = shift(1 − k/K) with the schedule's static or dynamic shift (K = 4: SD3.5 1, .9, .75, .5; FLUX at
-    1024² 1, .90453, .75951, .51284, which the reference truncates to 1, .904, .759, .512). DDPM: t_k =
-    :func:`anchor_indices` (K = 4: 999, 749, 499, 249).
-    """
-    if isinstance(schedule, FlowSchedule):
-        return schedule.anchors_from_grid(flow_anchor_grid(num_steps))
-    return schedule.anchors(indices=anchor_indices(num_steps, schedule.num_train_timesteps))
+#: a few-step sampler: ``(family, net, cond, anchors, noise_gen, shape, *, latents, guidance_scale, schedule)`` → the
+#: clean latents (:func:`sample_stochastic`, :func:`sample_euler`)
+Sampler = Callable[..., Tensor]
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
 
-def initial_noise(shape: Sequence[int], noise_gen: torch.Generator | None, device: torch.device | str,
+def initial_noise(shape: Sequence[int], noise_gen: rng.NoiseSource, device: torch.device | str,
                   dtype: torch.dtype = torch.float32) -> Tensor:
     """ε ~ N(0, I) of ``shape`` drawn on the generator's device, then moved to ``device`` (so a CPU generator gives
     the same noise whatever the accelerator, as in diffusers' ``randn_tensor``)."""
@@ -87,8 +61,9 @@ def _schedule_for(family: TeacherFamily, shape: Sequence[int]) -> Schedule:
     return family.schedule(int(shape[-2]) * f, int(shape[-1]) * f)
 
 
-def _prepare(family: TeacherFamily, cond: Condition, anchors: Tensor | Sequence, noise_gen: torch.Generator | None,
-             shape: Sequence[int] | None, latents: Tensor | None, schedule: Schedule | None):
+def _prepare(family: TeacherFamily, cond: Condition, anchors: Tensor | Sequence[float], noise_gen: rng.NoiseSource,
+             shape: Sequence[int] | None, latents: Tensor | None,
+             schedule: Schedule | None) -> tuple[Tensor, Tensor, Schedule]:
     device = cond.pooled.device
     if latents is None:
         if shape is None:
@@ -98,10 +73,10 @@ def _prepare(family: TeacherFamily, cond: Condition, anchors: Tensor | Sequence,
         if shape[0] != len(cond):
             raise ValueError(f"latent batch {shape[0]} does not match the condition batch {len(cond)}")
         latents = initial_noise(shape, noise_gen, device)
-    anchors = torch.as_tensor(anchors, device=latents.device)
-    if anchors.ndim != 1 or anchors.numel() == 0:
-        raise ValueError(f"anchors must be a non-empty 1-D sequence τ₀ > τ₁ > …, got shape {tuple(anchors.shape)}")
-    return latents, anchors, schedule or _schedule_for(family, latents.shape)
+    taus = torch.as_tensor(anchors, device=latents.device)
+    if taus.ndim != 1 or taus.numel() == 0:
+        raise ValueError(f"anchors must be a non-empty 1-D sequence τ₀ > τ₁ > …, got shape {tuple(taus.shape)}")
+    return latents, taus, schedule or _schedule_for(family, latents.shape)
 
 
 def _predict(family: TeacherFamily, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition,
@@ -123,7 +98,7 @@ def sample_stochastic(
     net: nn.Module,
     cond: Condition,
     anchors: Tensor | Sequence[float],
-    noise_gen: torch.Generator | None = None,
+    noise_gen: rng.NoiseSource = None,
     shape: Sequence[int] | None = None,
     *,
     latents: Tensor | None = None,
@@ -135,15 +110,15 @@ def sample_stochastic(
     ``shape`` = (B, C, h, w) of unpacked latents (noise from ``noise_gen``), or ``latents`` = the initial noise.
     ``schedule`` defaults to ``family.schedule`` at the latents' pixel size.
     """
-    x, anchors, schedule = _prepare(family, cond, anchors, noise_gen, shape, latents, schedule)
+    x, taus, schedule = _prepare(family, cond, anchors, noise_gen, shape, latents, schedule)
     b = x.shape[0]
     x0 = x
-    for k in range(anchors.numel()):
-        tau = _tau(anchors, k, b)
+    for k in range(taus.numel()):
+        tau = _tau(taus, k, b)
         x0 = schedule.x0_from(x, _predict(family, net, x, tau, cond, guidance_scale), tau)
-        if k + 1 < anchors.numel():
+        if k + 1 < taus.numel():
             eps = initial_noise(x.shape, noise_gen, x.device, x.dtype)
-            x = schedule.renoise(x0, eps, _tau(anchors, k + 1, b))
+            x = schedule.renoise(x0, eps, _tau(taus, k + 1, b))
     return x0
 
 
@@ -153,7 +128,7 @@ def sample_euler(
     net: nn.Module,
     cond: Condition,
     anchors: Tensor | Sequence[float],
-    noise_gen: torch.Generator | None = None,
+    noise_gen: rng.NoiseSource = None,
     shape: Sequence[int] | None = None,
     *,
     latents: Tensor | None = None,
@@ -166,11 +141,11 @@ def sample_euler(
     FLUX ``FluxPipeline(num_inference_steps=K)``; SD3.5 ``sigmas=flow_anchor_grid(K)``; SDXL ``timesteps=anchors``
     with ``EulerDiscreteScheduler``.
     """
-    x, anchors, schedule = _prepare(family, cond, anchors, noise_gen, shape, latents, schedule)
+    x, taus, schedule = _prepare(family, cond, anchors, noise_gen, shape, latents, schedule)
     b = x.shape[0]
-    for k in range(anchors.numel()):
-        tau = _tau(anchors, k, b)
-        tau_next = _tau(anchors, k + 1, b) if k + 1 < anchors.numel() else schedule.final_tau(x)
+    for k in range(taus.numel()):
+        tau = _tau(taus, k, b)
+        tau_next = _tau(taus, k + 1, b) if k + 1 < taus.numel() else schedule.final_tau(x)
         x = schedule.step(x, _predict(family, net, x, tau, cond, guidance_scale), tau, tau_next.to(tau.dtype))
     return x
 
@@ -182,7 +157,7 @@ def backward_simulate(
     cond: Condition,
     anchors: Tensor | Sequence[float],
     k: int,
-    noise_gen: torch.Generator | None,
+    noise_gen: rng.NoiseSource,
     shape: Sequence[int],
     *,
     schedule: Schedule | None = None,
@@ -199,3 +174,18 @@ def backward_simulate(
     if k == 0:
         return initial_noise(shape, noise_gen, cond.pooled.device)
     return sample_stochastic(family, net, cond, anchors_t[:k], noise_gen, shape, schedule=schedule)
+
+
+# ---- registry ------------------------------------------------------------------------------------------------
+
+#: the few-step samplers of docs/method.md §16.3 by name (``--sampler``, ``generation.student.sampler``), the default
+#: first: ``stochastic`` ("Ours") and ``euler`` ("Ours (Euler)"). Both take the same arguments; the Euler sampler
+#: draws nothing, so a ``noise_gen`` given with ``latents`` is unused by it.
+SAMPLERS: dict[str, Sampler] = {"stochastic": sample_stochastic, "euler": sample_euler}
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler registered as ``name`` (:data:`SAMPLERS`)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is unknown (expected one of: {', '.join(SAMPLERS)})")
+    return SAMPLERS[name]

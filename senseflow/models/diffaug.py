@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from senseflow.method import rng
+from senseflow.core import rng
 
 __all__ = ["POLICIES", "diff_augment", "augment_color", "augment_translation", "augment_cutout"]
 

@@ -174,6 +174,9 @@ class VFMDiscriminator(nn.Module):
         use_embedding: also judge the patch-embedding output before block 0 (config ``hook_patch``; §9.1: yes).
     """
 
+    image_mean: Tensor  # buffers (registered in __init__)
+    image_std: Tensor
+
     def __init__(
         self,
         dino: nn.Module,
@@ -192,7 +195,7 @@ class VFMDiscriminator(nn.Module):
         kernel_size: int = 3,
     ) -> None:
         super().__init__()
-        cfg = dino.config
+        cfg: Any = dino.config  # a transformers config (nn.Module attributes are typed Tensor | Module)
         self.use_embedding = bool(use_embedding)
         self.hooks = [int(h) for h in hooks]
         bad = [h for h in self.hooks if not 0 <= h < cfg.num_hidden_layers]
@@ -318,7 +321,8 @@ class TextConditioner(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return int(self.text_model.config.projection_dim)
+        config: Any = self.text_model.config
+        return int(config.projection_dim)
 
     @torch.no_grad()
     def encode_ids(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -392,9 +396,11 @@ def load_discriminator_backbones(
     tok_path = os.fspath(tokenizer_path) if tokenizer_path is not None else clip_path
     if not os.path.isdir(tok_path):
         raise FileNotFoundError(f"discriminator.clip_tokenizer_path: folder {tok_path!r} does not exist")
-    kwargs = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
-    dino = Dinov2Model.from_pretrained(dino_path, **kwargs).to(device)
-    text_model = CLIPTextModelWithProjection.from_pretrained(clip_path, **kwargs).to(device)
+    kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
+    # moved as nn.Modules: transformers types PreTrainedModel.to through a decorator that rejects a device
+    dino: nn.Module = Dinov2Model.from_pretrained(dino_path, **kwargs)
+    text_model: nn.Module = CLIPTextModelWithProjection.from_pretrained(clip_path, **kwargs)
+    dino, text_model = dino.to(device), text_model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
     mean, std = _image_normalisation(dino_path)
     return DiscriminatorBackbones(dino=dino, text_model=text_model, tokenizer=tokenizer, image_mean=mean, image_std=std)

@@ -15,15 +15,17 @@ Losses (weights applied by the caller, config ``dmd2_cls.gen_weight`` 5e-3 / ``g
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from senseflow.method.dmd import gaussian_like
-from senseflow.method.schedules import Schedule, TimestepSampler
-from senseflow.models.families.base import Condition, TeacherFamily
+from senseflow.core.condition import Condition
+from senseflow.core.family import TeacherFamily
+from senseflow.core.modules import unwrap
+from senseflow.core.rng import NoiseSource, gaussian_like
+from senseflow.core.schedules import Schedule, TimestepSampler
 
 __all__ = [
     "MidBlockCapture",
@@ -35,27 +37,16 @@ __all__ = [
 ]
 
 
-def _unwrap(net: nn.Module) -> nn.Module:
-    """Reach through DDP (``module``) and torch.compile (``_orig_mod``) wrappers; FSDP2 keeps attributes."""
-    while True:
-        if hasattr(net, "_orig_mod"):
-            net = net._orig_mod
-        elif isinstance(net, nn.parallel.DistributedDataParallel):
-            net = net.module
-        else:
-            return net
-
-
 class MidBlockCapture:
     """Context manager that records the output of ``unet.mid_block`` during the forwards inside the block."""
 
     def __init__(self, unet: nn.Module) -> None:
-        mid = getattr(_unwrap(unet), "mid_block", None)
+        mid = getattr(unwrap(unet), "mid_block", None)
         if mid is None:
             raise ValueError(f"DMD2 classifier: {type(unet).__name__} has no mid_block (expected a diffusers UNet)")
         self.module: nn.Module = mid
         self.output: Tensor | None = None
-        self._handle = None
+        self._handle: RemovableHandle | None = None
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self.output = output[0] if isinstance(output, (tuple, list)) else output
@@ -74,7 +65,7 @@ class MidBlockCapture:
 def bottleneck_shape(unet_config: Any, latent_hw: Sequence[int]) -> tuple[int, int, int]:
     """(channels, h, w) of a diffusers ``UNet2DConditionModel`` mid-block output for latents of size ``latent_hw``:
     the last ``block_out_channels`` and one stride-2 downsampling (s → ⌈s/2⌉) per down block except the last."""
-    get = unet_config.get if isinstance(unet_config, dict) else lambda k: getattr(unet_config, k)
+    get: Callable[[str], Any] = unet_config.get if isinstance(unet_config, dict) else lambda k: getattr(unet_config, k)
     channels = int(get("block_out_channels")[-1])
     h, w = int(latent_hw[0]), int(latent_hw[1])
     for _ in range(len(get("down_block_types")) - 1):
@@ -106,7 +97,7 @@ class DMD2ClassifierHead(nn.Module):
                 f"DMD2 classifier: expected bottleneck (B, {self.channels}, {self.spatial_size}, {self.spatial_size}), "
                 f"got {tuple(feat.shape)}"
             )
-        dtype = self.net[0].weight.dtype
+        dtype = next(self.net.parameters()).dtype  # the first conv's weight
         return self.net(feat.to(dtype)).reshape(feat.shape[0])
 
 
@@ -144,12 +135,12 @@ class DMD2Classifier(nn.Module):
         norm_groups: int = 32,
     ) -> "DMD2Classifier":
         """Size the head from the UNet config and the latent resolution (square bottleneck required)."""
-        channels, h, w = bottleneck_shape(_unwrap(unet).config, latent_hw)
+        channels, h, w = bottleneck_shape(unwrap(unet).config, latent_hw)
         if h != w:
             raise ValueError(f"DMD2 classifier: bottleneck {h}×{w} is not square (latent size {tuple(latent_hw)})")
         return cls(DMD2ClassifierHead(channels, h, norm_groups), family, schedule, sampler)
 
-    def logits(self, fake: nn.Module, x0: Tensor, cond: Condition, noise_gen: torch.Generator) -> Tensor:
+    def logits(self, fake: nn.Module, x0: Tensor, cond: Condition, noise_gen: NoiseSource) -> Tensor:
         """[B] logits of latents ``x0`` noised at t ~ sampler (t and ε from ``noise_gen``)."""
         b = x0.shape[0]
         t = self.sampler.sample(self.schedule, b, noise_gen).to(x0.device)
@@ -160,7 +151,7 @@ class DMD2Classifier(nn.Module):
             raise RuntimeError("DMD2 classifier: the UNet forward did not run its mid_block")
         return self.head(cap.output)
 
-    def generator_loss(self, fake: nn.Module, x0_hat: Tensor, cond: Condition, noise_gen: torch.Generator) -> Tensor:
+    def generator_loss(self, fake: nn.Module, x0_hat: Tensor, cond: Condition, noise_gen: NoiseSource) -> Tensor:
         """mean softplus(−l(x̂₀)); the gradient reaches x̂₀ through F (F's own grads are the trainer's to zero)."""
         return generator_cls_loss(self.logits(fake, x0_hat, cond, noise_gen))
 
@@ -170,7 +161,7 @@ class DMD2Classifier(nn.Module):
         x0_fake: Tensor,
         x0_real: Tensor,
         cond: Condition,
-        noise_gen: torch.Generator,
+        noise_gen: NoiseSource,
         cond_real: Condition | None = None,
     ) -> Tensor:
         """mean softplus(l(sg(x̂₀))) + mean softplus(−l(x_real)); trains the head and F."""

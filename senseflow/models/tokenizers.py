@@ -30,8 +30,12 @@ def _canonical_bpe(
     (length of the merged token, left, right): a merge's parts are shorter than its result, so every part can be
     formed before it is needed. Ids: ``specials``, then the initial alphabet sorted, then merge results by rank.
     """
+    def pair(merge: str | Sequence[str]) -> tuple[str, str]:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        return left, right
+
     pairs = sorted(
-        {tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges},
+        {pair(m) for m in merges},
         key=lambda ab: (len(ab[0]) + len(ab[1]), ab),
     )
     merged = list(dict.fromkeys(a + b for a, b in pairs))

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
+from senseflow.core.family import vae_factor
 from senseflow.models.families import get_family
-from senseflow.models.families.loading import vae_factor
 from senseflow.models.tokenizers import train_clip_tokenizer, train_t5_tokenizer
 from senseflow.teacher.config import TeacherTrainConfig
 
@@ -42,7 +42,9 @@ def _text_config(comp, settings: dict, tokenizer, max_length: int):
     if comp.is_t5:
         return transformers.T5Config(**{"dropout_rate": 0.0, "is_encoder_decoder": False, **settings},
                                      vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+                                     eos_token_id=tokenizer.eos_token_id,
+                                     # accepted at run time; transformers' T5Config signature omits it
+                                     decoder_start_token_id=tokenizer.pad_token_id)  # type: ignore[call-arg]
     return transformers.CLIPTextConfig(**settings, vocab_size=len(tokenizer), max_position_embeddings=max_length,
                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                        pad_token_id=tokenizer.pad_token_id)

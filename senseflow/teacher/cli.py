@@ -12,17 +12,17 @@ import argparse
 from typing import Sequence
 
 from senseflow.config import ConfigError
+from senseflow.core.argparsing import RaisingParser
 from senseflow.models.families import family_names
 from senseflow.teacher.config import default_config_path, load_teacher_config
 
 __all__ = ["build_parser", "main_teacher"]
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(RaisingParser):
     """argparse whose errors are one line (raised, printed by the ``senseflow`` command) instead of usage + exit."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)
+    error_type = ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

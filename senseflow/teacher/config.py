@@ -158,7 +158,8 @@ def _unknown(label: str, keys: Sequence[str], accepted: Sequence[str], what: str
 
 
 def _init_keys(cls: type) -> list[str]:
-    return [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")]
+    init = getattr(cls, "__init__")  # the class's constructor (mypy refuses cls.__init__ on a type variable)
+    return [n for n in inspect.signature(init).parameters if n not in ("self", "args", "kwargs")]
 
 
 def validate(cfg: TeacherTrainConfig, label: str) -> None:
@@ -166,8 +167,8 @@ def validate(cfg: TeacherTrainConfig, label: str) -> None:
     import diffusers
     import transformers
 
+    from senseflow.core.family import vae_factor
     from senseflow.models.families import get_family
-    from senseflow.models.families.loading import vae_factor
 
     def need(ok: bool, key: str, expected: str) -> None:
         if not ok:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from senseflow.config import ConfigError
+from senseflow.core.io import atomic_write
 from senseflow.teacher.config import TeacherTrainConfig
 from senseflow.teacher.data import CaptionedImages, check_image_set, load_image_set
 
@@ -86,12 +86,6 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     return f"{prefix[:-1]}: {a!r} then, {b!r} now"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # ---- one resumable stage ---------------------------------------------------------------------------------------
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -117,7 +111,8 @@ class Stage:
         self.grad_clip, self.ema_decay, self.ema_warmup = grad_clip, ema_decay, ema_warmup
         self.ema = copy.deepcopy(modules).requires_grad_(False).eval() if ema_decay is not None else None
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.step, self.losses, self.seconds = 0, [], 0.0
+        self.step, self.seconds = 0, 0.0
+        self.losses: list[float] = []
         if self.path.is_file():
             self._load()
 
@@ -137,7 +132,7 @@ class Stage:
                  "step": self.step, "losses": self.losses, "seconds": self.seconds}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-        _atomic_write(self.path, lambda p: torch.save(state, p))
+        atomic_write(self.path, lambda p: torch.save(state, p))
 
     def run(self, loss_fn: Callable[[torch.Generator], Tensor], progress: bool = True) -> None:
         """``loss_fn(generator)`` returns one step's loss; runs the remaining steps."""
@@ -153,7 +148,7 @@ class Stage:
                 torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            if self.ema is not None:
+            if self.ema is not None and self.ema_decay is not None:  # both or neither
                 decay = min(self.ema_decay, (1.0 + self.step) / (self.ema_warmup + self.step))
                 with torch.no_grad():
                     for e, p in zip(self.ema.parameters(), self.modules.parameters()):
@@ -238,7 +233,7 @@ def _normalised_posterior(family, pixels: Tensor, device: torch.device) -> tuple
 
 
 def _timestep_sampler(cfg: TeacherTrainConfig):
-    from senseflow.method.schedules import TimestepSampler
+    from senseflow.core.schedules import TimestepSampler
 
     ts = cfg.denoiser_training.timesteps
     return TimestepSampler(kind=ts.kind, low=ts.low, high=ts.high, mean=ts.mean, std=ts.std, apply_shift=True)
@@ -276,13 +271,14 @@ def _train_denoiser(cfg: TeacherTrainConfig, out: Path, data: CaptionedImages, d
 
     stage.run(loss, progress)
     ema = stage.result
-    for name, encoder in ema["text"].items():
+    encoders: Any = ema["text"]  # the transformers text encoders by folder name
+    for name, encoder in encoders.items():
         encoder.save_pretrained(out / name, safe_serialization=True)
     _write_denoiser(family, ema["denoiser"], out, cfg.seed * 1000 + 6)
     return {"curve": stage.curve(cfg.log_every), "seconds": stage.seconds}
 
 
-def _write_denoiser(family, net: nn.Module, out: Path, seed: int) -> None:
+def _write_denoiser(family, net: Any, out: Path, seed: int) -> None:
     """Save ``net`` as the folder's denoiser; a FLUX folder keeps its guidance embedding (zero-initialised output,
     so the guided call starts equal to ``net``'s prediction)."""
     folder = out / family.denoiser_subfolder
@@ -346,7 +342,7 @@ def _distil_guidance(cfg: TeacherTrainConfig, out: Path, data: CaptionedImages, 
         return (family.predict(guided, x_tau, tau, cond, guidance=g) - target).pow(2).mean()
 
     stage.run(loss, progress)
-    result = stage.result["transformer"]
+    result: Any = stage.result["transformer"]  # a diffusers transformer
     after = errors(result)
     result.save_pretrained(out / family.denoiser_subfolder, safe_serialization=True)
     return {"curve": stage.curve(cfg.log_every), "seconds": stage.seconds,
@@ -400,7 +396,7 @@ def train_teacher(cfg: TeacherTrainConfig, data_path: str | Path, out: str | Pat
     data = load_image_set(data_path, cfg.resolution)
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     if not resuming:
-        _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(OmegaConf.to_yaml(_settings(cfg, data_path))))
+        atomic_write(out / CONFIG_FILE, lambda p: p.write_text(OmegaConf.to_yaml(_settings(cfg, data_path))))
     progress_file = out / STATE_DIR / "progress.json"
     done: dict[str, Any] = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
     started_on = done.get("init", {}).get("data", {}).get("fingerprint")
@@ -410,7 +406,7 @@ def train_teacher(cfg: TeacherTrainConfig, data_path: str | Path, out: str | Pat
     if "init" not in done:
         build_pipeline(cfg, data.captions).save_pretrained(out, safe_serialization=True)
         done["init"] = {"data": {"fingerprint": data.fingerprint, "records": len(data)}}
-        _atomic_write(progress_file, lambda p: p.write_text(json.dumps(done)))
+        atomic_write(progress_file, lambda p: p.write_text(json.dumps(done)))
     stages = [("vae", _train_vae), ("denoiser", _train_denoiser)]
     if cfg.guidance_distillation.steps > 0:
         stages.append(("guidance", _distil_guidance))
@@ -418,7 +414,7 @@ def train_teacher(cfg: TeacherTrainConfig, data_path: str | Path, out: str | Pat
         if name not in done:
             log(f"stage {name}")
             done[name] = run(cfg, out, data, dev, progress)
-            _atomic_write(progress_file, lambda p: p.write_text(json.dumps(done)))
+            atomic_write(progress_file, lambda p: p.write_text(json.dumps(done)))
     grid, prompts = sample_grid(cfg, out, data.captions, dev)
     grid.save(out / SAMPLES)
     family = _family(cfg, out, dev)
@@ -444,6 +440,6 @@ def train_teacher(cfg: TeacherTrainConfig, data_path: str | Path, out: str | Pat
     }
     if "guidance" in done:
         card["guidance_distillation"] = done["guidance"]["relative_error"]
-    _atomic_write(out / CARD, lambda p: p.write_text(json.dumps(card, indent=1)))
+    atomic_write(out / CARD, lambda p: p.write_text(json.dumps(card, indent=1)))
     log(f"teacher written to {out}")
     return out

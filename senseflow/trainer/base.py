@@ -29,22 +29,25 @@ import torch
 
 from senseflow import dist as sfdist
 from senseflow.config import resolved_yaml, save_resolved
+from senseflow.core.checks import need
+from senseflow.core.rng import RunRNG
 from senseflow.data.seeding import mix_seed
 from senseflow.data.training import build_training_data
 from senseflow.imageio import save_grid
 from senseflow.method.distillation import Distillation
+from senseflow.method.optim import require_optimizer_backend
 from senseflow.method.players import Player, Runtime, frozen
-from senseflow.method.rng import RunRNG
 from senseflow.quiet import quiet_libraries
 from senseflow.trainer.checkpoint import (
     TEST_KILL_AT_ENV,
     Checkpointer,
+    CheckpointRefused,
     init_optimizer_state,
     kill_if_requested,
     player_parts,
 )
 from senseflow.trainer.logger import RunLogger, rewind_metrics
-from senseflow.trainer.optim import require_optimizer_backend
+from senseflow.trainer.run_lock import RunLock, exit_with_launcher, lock_run_folder
 
 #: debug: gather and compare the shared decisions of every iteration across ranks (always done for the first one)
 CHECK_DECISIONS_ENV = "SENSEFLOW_DEBUG_CHECK_DECISIONS"
@@ -70,6 +73,7 @@ class DistillationTrainer:
                 f"{type(self).__name__} runs method.name={self.method_name!r}, config has {cfg.method.name!r}"
             )
         require_optimizer_backend(str(cfg.optimizer.name))
+        self.run_lock: RunLock | None = None
 
     def __getattr__(self, name: str) -> Any:
         """The method's attributes (its networks, teacher family, ...) read through the trainer."""
@@ -81,6 +85,7 @@ class DistillationTrainer:
     # ================================================================== setup
     def setup(self) -> None:
         cfg = self.cfg
+        exit_with_launcher()  # a torchrun worker on Linux ends when torchrun does (senseflow.trainer.run_lock)
         quiet_libraries()
         # a player's LR scheduler steps every iteration although the player may step every n-th (§1.3); a single
         # process saves DCP checkpoints without a process group. Both are intended.
@@ -93,8 +98,8 @@ class DistillationTrainer:
         self.autocast_dtype = self._autocast_dtype()
         self.shard_opts = self._shard_options()
         self._decisions_checked = False
+        self.run_lock = lock_run_folder(self.run_dir, self.info)  # rank 0 holds it; every rank stops if refused
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.run_dir)
         sfdist.barrier()
         self.method = Distillation(cfg, Runtime(self.info, self.shard_opts, self.autocast))
@@ -166,10 +171,15 @@ class DistillationTrainer:
         data position is kept (rounded down to a multiple of the new world size). Such a run continues correctly
         but is not bit-identical to any uninterrupted run, since the global batch itself changed.
         """
-        path = self.checkpointer.latest()
-        if path is None:
-            return
-        state, mine = self.checkpointer.load(path, self._parts())
+        try:  # only a checkpoint of this run's own folder, and only once it matches the digest the run recorded
+            path = self.checkpointer.latest()
+            if path is None:
+                return
+            state, mine = self.checkpointer.load(path, self._parts())
+        except CheckpointRefused:
+            if not self.info.is_main:  # rank 0 says why, in one line
+                raise SystemExit(2) from None
+            raise
         self.iteration = int(state["iteration"])
         self.method.load_host_state(state)
         for p in self.players:
@@ -231,7 +241,7 @@ class DistillationTrainer:
                 with frozen(p.frozen if due else ()):
                     loss, new = p.loss(mb, due)
                     if due:
-                        (loss / accum).backward()
+                        (need(loss, f"player {p.name!r}'s loss on a due iteration") / accum).backward()
                 for k, v in new.items():
                     logs[k] = logs.get(k, 0.0) + float(v) / accum
             if due:
@@ -276,8 +286,10 @@ class DistillationTrainer:
         return None if images is None else save_grid(images, self.run_dir / "previews" / f"iter_{it:06d}.png")
 
     def run(self) -> None:
-        self.setup()
         try:
+            self.setup()
             self.train()
         finally:
             sfdist.cleanup()
+            if self.run_lock is not None:  # rank 0 gives the run folder back (also done at interpreter exit)
+                self.run_lock.release()

@@ -14,6 +14,7 @@ Layout under ``<run_dir>/checkpoints``::
         student_ema.safetensors  inference and export, and the same with G's EMA weights when ``train.ema.enabled``
                                  (inference, export and the digits demo prefer it to student.safetensors)
         config.yaml              the resolved config of the run
+    iter_000300.sha256.json      the digest this run recorded of every file of iter_000300/ (see "Digests")
     latest                       text file naming the newest complete checkpoint; moved last
 
 Atomicity: every file is written into ``.tmp-iter_XXXXXX``; after a barrier (all ranks done) rank 0 renames it to
@@ -21,6 +22,21 @@ Atomicity: every file is written into ``.tmp-iter_XXXXXX``; after a barrier (all
 from the previous complete checkpoint and a half-written one never becomes ``latest``; stale temporary folders are
 removed by the next save. The last ``keep_last`` checkpoints are kept (0 = all); older ones are deleted only after
 the new one is complete.
+
+Digests: a DCP checkpoint can run code when read (``.metadata`` is a pickle, and DCP ``torch.load``-s non-tensor
+entries without ``weights_only``), so resume reads one only after checking it against what this run wrote. Once
+every file of a checkpoint is complete, the ranks hash them (sha256, each rank a share of the files) and rank 0
+writes ``iter_XXXXXX.sha256.json`` beside the folder (plain JSON, atomically) before it moves ``latest``::
+
+    {"format": "senseflow-checkpoint-digest/1", "checkpoint": "iter_000300", "algorithm": "sha256",
+     "files": {".metadata": "<hex>", "__0_0.distcp": "<hex>", "trainer_state.pt": "<hex>", ...}}
+
+Resume (:meth:`Checkpointer.load`) hashes the recorded files again before DCP opens anything and refuses, with one
+line (:class:`CheckpointRefused`), a checkpoint with no record or with any file that differs; only recorded files
+are read. ``latest`` must name an ``iter_XXXXXX`` folder inside this run's ``checkpoints/``. The digest guards
+against a checkpoint this run did not write (copied in, swapped, truncated); whoever can write arbitrary files in
+the run folder can also rewrite the record. A checkpoint of an older version (no record) that you wrote yourself
+can be vouched for with :func:`record_digest`.
 
 Test-only hooks (environment variables, read at the named point, never set by the framework itself):
 
@@ -31,6 +47,8 @@ Test-only hooks (environment variables, read at the named point, never set by th
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -55,13 +73,15 @@ from torch.distributed.checkpoint.state_dict import (
 if TYPE_CHECKING:
     from senseflow.method.players import Player, Stateful
 
-__all__ = ["Checkpointer", "ModelState", "OptimizerState", "player_parts", "init_optimizer_state",
-           "kill_if_requested", "TEST_KILL_AT_ENV", "TEST_KILL_IN_SAVE_ENV"]
+__all__ = ["Checkpointer", "CheckpointRefused", "ModelState", "OptimizerState", "player_parts", "init_optimizer_state",
+           "digest_path", "record_digest", "kill_if_requested", "TEST_KILL_AT_ENV", "TEST_KILL_IN_SAVE_ENV"]
 
 _NAME = re.compile(r"^iter_(\d{6,})$")
 TRAINER_STATE = "trainer_state.pt"
-STUDENT_FILE = "student.safetensors"
-STUDENT_EMA_FILE = "student_ema.safetensors"
+#: ``checkpoints/iter_XXXXXX`` + this: the digest record of that checkpoint
+DIGEST_SUFFIX = ".sha256.json"
+DIGEST_FORMAT = "senseflow-checkpoint-digest/1"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: test-only: SIGKILL every rank right after this iteration's updates
 TEST_KILL_AT_ENV = "SENSEFLOW_TEST_KILL_AT"
 #: test-only: SIGKILL every rank inside the save of this iteration, after the files are written, before the rename
@@ -79,6 +99,99 @@ def kill_if_requested(env_name: str, iteration: int) -> None:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+class CheckpointRefused(ValueError):
+    """A checkpoint resume will not read (see "Digests" above); the message is one line."""
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself in a single process)."""
+    if _rank_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def digest_path(checkpoint: Path) -> Path:
+    """Where the run records the digest of ``checkpoint``: ``iter_XXXXXX.sha256.json`` beside the folder."""
+    return checkpoint.with_name(checkpoint.name + DIGEST_SUFFIX)
+
+
+def _sha256(path: Path) -> str | None:
+    """Hex sha256 of a regular file (None when missing or not a regular file: never blocks on a FIFO)."""
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _hash_files(folder: Path, names: list[str]) -> dict[str, str | None]:
+    """sha256 of ``folder/<name>`` for every name, every rank hashing a share; a collective under a process group
+    (every rank passes the same names) and every rank gets all the digests."""
+    rank, world = _rank_world()
+    mine = {n: _sha256(folder / n) for n in names[rank::world]}
+    if world == 1:
+        return mine
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _digest_json(checkpoint: Path, digests: dict[str, str | None]) -> str:
+    missing = [n for n, d in digests.items() if d is None]
+    if missing:
+        raise RuntimeError(f"checkpoint {checkpoint}: cannot hash {', '.join(missing[:3])} (vanished while saving?)")
+    record = {"format": DIGEST_FORMAT, "checkpoint": checkpoint.name, "algorithm": "sha256",
+              "files": dict(sorted(digests.items()))}
+    return json.dumps(record, indent=1) + "\n"
+
+
+def record_digest(checkpoint: Path | str) -> Path:
+    """Record the digest of every file of ``checkpoint`` now (one process), so that resume accepts it.
+
+    The trainer does this itself at every save; call it only for a checkpoint you know your own run wrote, e.g. one
+    saved by a version of senseflow that recorded no digest. Returns the record's path.
+    """
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / ".metadata").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a DCP checkpoint folder (no .metadata)")
+    names = sorted(p.name for p in checkpoint.iterdir() if p.is_file())
+    out = digest_path(checkpoint)
+    _write_text_atomic(out, _digest_json(checkpoint, {n: _sha256(checkpoint / n) for n in names}))
+    return out
+
+
+def _read_digest(checkpoint: Path) -> tuple[dict[str, str] | None, str | None]:
+    """The recorded ``{file: sha256}`` of ``checkpoint``, or None and why there is none (plain JSON only)."""
+    path = digest_path(checkpoint)
+    if not path.is_file():
+        return None, f"no digest recorded: {path.name} is missing"
+    try:
+        record = json.loads(path.read_text())
+        files = record["files"]
+        ok = (record.get("format") == DIGEST_FORMAT and record.get("checkpoint") == checkpoint.name
+              and isinstance(files, dict) and ".metadata" in files and TRAINER_STATE in files
+              and all(isinstance(n, str) and Path(n).name == n and n not in (".", "..")
+                      and isinstance(d, str) and _HEX64.match(d) for n, d in files.items()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        ok = False
+    if not ok:
+        return None, f"{path.name} is not a digest record of {checkpoint.name}"
+    return dict(files), None
 
 
 def _fsync(path: Path) -> None:
@@ -181,11 +294,17 @@ class Checkpointer:
 
     # ---- discovery ---------------------------------------------------------------------------------------
     def latest(self) -> Path | None:
-        """The newest complete checkpoint named by ``latest`` (None when the run is new)."""
+        """The newest complete checkpoint named by ``latest`` (None when the run is new); always a folder of this
+        run's ``checkpoints/`` (CheckpointRefused otherwise)."""
         pointer = self.root / "latest"
         if not pointer.exists():
             return None
-        path = self.root / pointer.read_text().strip()
+        name = pointer.read_text().strip()
+        if not _NAME.match(name):
+            raise CheckpointRefused(f"{pointer} names {name!r}, which is not a checkpoint of this run (iter_NNNNNN)")
+        path = self.root / name
+        if path.resolve().parent != self.root.resolve():
+            raise CheckpointRefused(f"{path} leads outside {self.root}; resume reads only this run's own checkpoints")
         for needed in (".metadata", TRAINER_STATE):
             if not (path / needed).exists():
                 raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint (no {needed})")
@@ -228,14 +347,18 @@ class Checkpointer:
         del files
         _barrier()
         kill_if_requested(TEST_KILL_IN_SAVE_ENV, iteration)
+        # every file is complete: hash them (each rank a share), record the digest, then publish
+        names = _from_rank0(sorted(p.name for p in tmp.iterdir() if p.is_file()) if self.rank == 0 else None)
+        digests = _hash_files(tmp, names)
         if self.rank == 0:
-            self._publish(tmp, final)
+            self._publish(tmp, final, _digest_json(final, digests))
             self._prune(keep=final)
         _barrier()
         return final
 
-    def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename the complete temporary folder into place, then move ``latest`` (rank 0)."""
+    def _publish(self, tmp: Path, final: Path, digest: str) -> None:
+        """Rename the complete temporary folder into place, record its digest beside it, then move ``latest``
+        (rank 0)."""
         old = None
         if final.exists():  # an earlier attempt at this iteration that never became (or no longer is) latest
             old = final.with_name(f".old-{final.name}")
@@ -244,6 +367,7 @@ class Checkpointer:
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync(self.root)
+        _write_text_atomic(digest_path(final), digest)
         _write_text_atomic(self.root / "latest", final.name)
         _fsync(self.root)
         if old is not None:
@@ -255,20 +379,43 @@ class Checkpointer:
             for old in done[: max(0, len(done) - self.keep_last)]:
                 if old != keep:
                     shutil.rmtree(old, ignore_errors=True)
+                    digest_path(old).unlink(missing_ok=True)
+        for record in self.root.glob(f"iter_*{DIGEST_SUFFIX}"):  # records whose checkpoint is gone
+            if not record.with_name(record.name[: -len(DIGEST_SUFFIX)]).is_dir():
+                record.unlink(missing_ok=True)
         for stale in list(self.root.glob(".tmp-iter_*")) + list(self.root.glob(".old-iter_*")):
             shutil.rmtree(stale, ignore_errors=True)
 
     # ---- load ----------------------------------------------------------------------------------------------
+    def verify(self, path: Path) -> dict[str, str]:
+        """Check every file recorded for ``path`` against its digest (a collective: each rank hashes a share) and
+        return the record; :class:`CheckpointRefused` when the record is missing or any file differs."""
+        record, problem = _from_rank0(_read_digest(path) if _rank_world()[0] == 0 else None)
+        if record is not None:
+            got = _hash_files(path, sorted(record))
+            bad = sorted(n for n in record if got.get(n) != record[n])
+            if bad:
+                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                problem = f"{', '.join(bad[:3])}{more} differ{'s' if len(bad) == 1 else ''} or missing"
+        if problem is not None:
+            raise CheckpointRefused(
+                f"checkpoint {path} does not match the digest this run recorded ({problem}); refusing to read it, "
+                "since DCP files can carry pickled code (see docs/distributed_training.md, Resuming)"
+            )
+        return record
+
     def load(
         self, path: Path, parts: dict[str, Stateful]
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Restore every part from ``path``: DCP loads into the parts' own state dicts, then each part's
         ``load_state_dict`` runs in the dict's order.
 
-        Returns ``(trainer_state, rank_state)``; ``rank_state`` is None when no file of this rank exists (the run
-        resumes on more processes than wrote the checkpoint). Optimiser state must exist before the call
-        (:func:`init_optimizer_state`).
+        Returns ``(trainer_state, rank_state)``; ``rank_state`` is None when no file of this rank was recorded (the
+        run resumes on more processes than wrote the checkpoint). Optimiser state must exist before the call
+        (:func:`init_optimizer_state`). Nothing is read before :meth:`verify` accepts the checkpoint, and only
+        recorded files are read.
         """
+        recorded = self.verify(path)
         state = {k: part.state_dict() for k, part in parts.items()}
         try:
             dcp.load(state, checkpoint_id=str(path))
@@ -280,5 +427,5 @@ class Checkpointer:
             part.load_state_dict(state[k])
         trainer_state = torch.load(path / TRAINER_STATE, weights_only=True)
         rank_file = path / f"rank{self.rank}_state.pt"
-        rank_state = torch.load(rank_file, weights_only=True) if rank_file.exists() else None
+        rank_state = torch.load(rank_file, weights_only=True) if rank_file.name in recorded else None
         return trainer_state, rank_state

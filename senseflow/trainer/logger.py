@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from senseflow import dist as sfdist
+from senseflow.core.io import atomic_write_text
 
 
 class RunLogger:
@@ -78,6 +78,4 @@ def rewind_metrics(path: Path, iteration: int) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     kept = [ln for ln in lines if (logged_at(ln) or iteration + 1) <= iteration]
     if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))

@@ -21,9 +21,10 @@ from typing import Any, Mapping
 
 import torch
 
-from senseflow.models.families.base import Condition, TeacherFamily
+from senseflow.core.dtypes import parse_dtype
+from senseflow.core.family import TeacherFamily
 
-__all__ = ["Condition", "TeacherFamily", "FAMILY_NAMES", "family_names", "get_family", "register_family",
+__all__ = ["FAMILY_NAMES", "family_names", "get_family", "register_family",
            "unregister_family", "build_family", "family_of_folder"]
 
 #: the shipped families: registry name → "module:Class", in the order messages list them
@@ -34,7 +35,7 @@ _BUILTIN: dict[str, str] = {
 }
 FAMILY_NAMES: tuple[str, ...] = tuple(_BUILTIN)
 #: modules of this package that hold shared machinery, not a family
-_NOT_FAMILIES = frozenset({"base", "loading"})
+_NOT_FAMILIES = frozenset({"loading"})
 
 _registered: dict[str, type[TeacherFamily]] = {}   # register_family
 _loaded: dict[str, type[TeacherFamily]] | None = None  # name → class of every family, once looked up
@@ -52,15 +53,15 @@ def _families() -> dict[str, type[TeacherFamily]]:
     if _loaded is None:
         found: dict[str, type[TeacherFamily]] = {}
         for name, target in _BUILTIN.items():
-            module, cls = target.split(":")
-            found[name] = getattr(importlib.import_module(module), cls)
+            module_name, class_name = target.split(":")
+            found[name] = getattr(importlib.import_module(module_name), class_name)
         shipped = {t.split(":")[0] for t in _BUILTIN.values()}
         for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
             module = f"{__name__}.{info.name}"
             if info.name in _NOT_FAMILIES or module in shipped:
                 continue
-            for cls in _own_families(importlib.import_module(module)):
-                found.setdefault(cls.name, cls)
+            for family in _own_families(importlib.import_module(module)):
+                found.setdefault(family.name, family)
         _loaded = found
     return {**_loaded, **_registered}
 
@@ -124,18 +125,6 @@ def family_of_folder(path: str | Path) -> str:
     raise ValueError(f"{index}: pipeline class {name!r} is not one of a known family's")
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def _dtype(value: Any, key: str) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if str(value) not in _DTYPES:
-        raise ValueError(f"teacher.{key}: {value!r} is not one of {', '.join(_DTYPES)}")
-    return _DTYPES[str(value)]
-
-
 def _field(spec: Any, key: str, default: Any = None) -> Any:
     if isinstance(spec, Mapping):
         return spec.get(key, default)
@@ -159,9 +148,9 @@ def build_family(spec: Any, device: torch.device | str = "cpu", **overrides: Any
     cls = get_family(name)
     kwargs: dict[str, Any] = {
         "path": _field(spec, "path"),
-        "denoiser_dtype": _dtype(_field(spec, "dtype", "float32"), "dtype"),
-        "vae_dtype": _dtype(_field(spec, "vae_dtype", "float32"), "vae_dtype"),
-        "text_dtype": _dtype(_field(spec, "text_encoder_dtype", "float32"), "text_encoder_dtype"),
+        "denoiser_dtype": parse_dtype(_field(spec, "dtype", "float32"), "teacher.dtype"),
+        "vae_dtype": parse_dtype(_field(spec, "vae_dtype", "float32"), "teacher.vae_dtype"),
+        "text_dtype": parse_dtype(_field(spec, "text_encoder_dtype", "float32"), "teacher.text_encoder_dtype"),
         "clip_max_length": int(_field(spec, "clip_max_length", 77)),
         "student_path": _field(spec, "student_path"),
     }

@@ -21,9 +21,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from senseflow.method.schedules import Schedule
-from senseflow.models.families.base import Condition, TextComponent
-from senseflow.models.families.loading import DiffusersFamily, flow_schedule_from_config, net_config, unwrap
+from senseflow.core.condition import Condition
+from senseflow.core.family import TextComponent
+from senseflow.core.schedules import Schedule
+from senseflow.models.families.loading import DiffusersFamily, flow_schedule_from_config, net_config
 from senseflow.tiny import TINY_CLIP, TINY_T5, TINY_VAE, TinyTeacher
 
 __all__ = ["FluxFamily", "pack_latents", "unpack_latents", "latent_image_ids", "GUIDANCE_PREFIX"]
@@ -137,7 +138,7 @@ class FluxFamily(DiffusersFamily):
     def memory_inputs(cls, config: Mapping[str, Any], batch: int, latent_side: int, clip_length: int,
                       t5_length: int, dtype: torch.dtype, device: str = "meta") -> dict[str, Any]:
         """FLUX(packed latents (side/2)² tokens, T5 tokens, pooled CLIP-L, timestep, image and text ids)."""
-        kw = dict(device=device, dtype=dtype)
+        kw: dict[str, Any] = dict(device=device, dtype=dtype)
         n_img = (latent_side // 2) ** 2
         x = torch.zeros(batch, n_img, config["in_channels"], requires_grad=True, **kw)
         context = torch.zeros(batch, t5_length, config["joint_attention_dim"], **kw)
@@ -164,13 +165,11 @@ class FluxFamily(DiffusersFamily):
         weights come from ``student_path`` (which must itself have ``guidance_embeds=False``).
         """
         if self.student_path is not None:
-            net = self.denoiser_class.from_pretrained(
-                str(self.student_path), torch_dtype=torch.float32, local_files_only=True
-            )
+            net = self._student_from_path(teacher)
             if net.config.guidance_embeds:
                 raise ValueError(f"flux: student at {str(self.student_path)!r} has guidance_embeds=True; "
                                  "student and fake score must have no guidance embedding (docs/method.md, decision 4)")
-            return net.to(next(unwrap(teacher).parameters()).device).train().requires_grad_(True)
+            return net.train().requires_grad_(True)
         from accelerate import init_empty_weights
 
         source = self._teacher_fp32(teacher)
@@ -194,7 +193,7 @@ class FluxFamily(DiffusersFamily):
     @classmethod
     def export_pipeline_kwargs(cls, steps: int) -> dict[str, Any]:
         """``FluxPipeline(num_inference_steps=N)`` uses σ_k = shift_μ(1 − k/N) with μ from the image-token count:
-        our anchors (:func:`senseflow.method.sampling.make_anchors`); the student takes no guidance."""
+        our anchors (:func:`senseflow.core.anchors.make_anchors`); the student takes no guidance."""
         return {"num_inference_steps": steps}
 
     # ---- text ----------------------------------------------------------------------------------------------

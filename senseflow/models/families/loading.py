@@ -13,22 +13,21 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from senseflow.method.schedules import FlowSchedule, expand_like, flux_mu
-from senseflow.models.families.base import Condition, TeacherFamily, TextComponent
+from senseflow.core.condition import Condition
+from senseflow.core.family import TeacherFamily, vae_factor
+from senseflow.core.modules import unwrap
+from senseflow.core.schedules import FlowSchedule, expand_like, flux_mu
 
 __all__ = [
     "check_folder",
     "read_json",
-    "unwrap",
     "net_config",
     "net_dtype",
-    "vae_factor",
     "flow_schedule_from_config",
     "DiffusersFamily",
 ]
@@ -75,17 +74,6 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"config file {str(path)!r} is not valid JSON: {e}") from None
 
 
-def unwrap(net: Any) -> nn.Module:
-    """The plain model inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(net, "_orig_mod"):
-            net = net._orig_mod
-        elif isinstance(getattr(net, "module", None), nn.Module):
-            net = net.module
-        else:
-            return net
-
-
 def net_config(net: Any) -> Any:
     """The diffusers ``config`` of a (possibly wrapped) denoiser."""
     return unwrap(net).config
@@ -97,11 +85,6 @@ def net_dtype(net: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
-
-
-def vae_factor(vae_config: Mapping[str, Any]) -> int:
-    """Pixel-to-latent downscaling 2^(levels − 1) of a VAE config (8, four levels, when it does not say)."""
-    return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
 
 
 def flow_schedule_from_config(config: Mapping, timestep_scale: float, image_seq_len: int) -> FlowSchedule:
@@ -128,7 +111,8 @@ def flow_schedule_from_config(config: Mapping, timestep_scale: float, image_seq_
 
 
 class DiffusersFamily(TeacherFamily):
-    """Shared machinery of the SDXL / SD3 / FLUX families (a local diffusers folder at ``path``).
+    """Shared machinery of the SDXL / SD3 / FLUX families (a local diffusers folder at ``path``): the runtime calls
+    of :class:`~senseflow.core.family.TeacherFamily`, whose class-level facts a family fills in.
 
     Components are loaded lazily on first use (the VAE and text encoders stay frozen, in eval mode, on
     ``text_device``/``device``); the unconditional condition is computed once and cached.
@@ -143,28 +127,6 @@ class DiffusersFamily(TeacherFamily):
         text_device: where the text encoders run (default: ``device``).
         t5_max_length: T5 token length (families with a T5 encoder; default ``default_t5_max_length``).
     """
-
-    #: the text encoders and tokenizers of the family's pipeline
-    text_components: tuple[TextComponent, ...] = ()
-    #: the stock diffusers pipeline and scheduler classes of the family
-    pipeline_class_name: str
-    scheduler_class_name: str
-    #: whether the family's pipeline decodes with the VAE's ``shift_factor`` (z = x/scale + shift); SDXL's does not
-    vae_uses_shift: bool = True
-    #: name of the denoiser's diffusers class (resolved at construction, so importing a family stays cheap)
-    denoiser_class_name: str
-    #: T5 token length when the family has a T5 encoder (SD3.5: 77, FLUX.1-dev: 512; §12), else None
-    default_t5_max_length: int | None = None
-    #: what the README of an exported folder says about the pipeline call (``senseflow export``)
-    export_readme_note: str = ""
-    #: the inference script's flags for the teacher folder and the student config (the authors' README names)
-    inference_flags: tuple[str, str] = ("teacher", "student_config")
-    #: memory plan: the shipped public VAE config (:mod:`senseflow.memory.arch`) used when the folder has none
-    public_vae: str | None = None
-    #: memory plan: the denoiser blocks whose inputs autograd checkpointing keeps (default: :meth:`block_types`)
-    checkpoint_units: tuple[str, ...] | None = None
-    #: tiny teachers of the family (``senseflow tiny --kind KIND``): kind → component configs
-    tiny_teachers: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(
         self,
@@ -203,25 +165,6 @@ class DiffusersFamily(TeacherFamily):
         self._text: dict[str, Any] | None = None
         self._uncond: Condition | None = None
 
-    # ---- folders -------------------------------------------------------------------------------------------
-    @classmethod
-    def component_subfolders(cls) -> tuple[str, ...]:
-        """Text subfolders that must exist (besides scheduler, vae and the denoiser's)."""
-        return tuple(name for c in cls.text_components for name in (c.encoder, c.tokenizer))
-
-    @classmethod
-    def required_subfolders(cls) -> tuple[str, ...]:
-        """Every component subfolder a teacher folder of this family must hold: scheduler, vae, the denoiser's and
-        the text encoders' and tokenizers'."""
-        return ("scheduler", "vae", cls.denoiser_subfolder, *cls.component_subfolders())
-
-    @classmethod
-    def denoiser_widths(cls, text: Mapping[str, Mapping[str, Any]], latent_channels: int, latent_size: int,
-                        denoiser: Mapping[str, Any]) -> dict[str, Any]:
-        """The denoiser config entries that the other components fix (channel counts, text widths, sizes), for a
-        teacher built from scratch; ``text`` maps each :class:`TextComponent` section to its config."""
-        raise NotImplementedError
-
     def _check_student(self, student_path: str | Path) -> Path:
         root = Path(student_path).expanduser()
         if (root / self.denoiser_subfolder / "config.json").is_file():
@@ -233,9 +176,9 @@ class DiffusersFamily(TeacherFamily):
         )
 
     def _load(
-        self, cls: type, subfolder: str, dtype: torch.dtype | None = None, device: torch.device | None = None
+        self, cls: Any, subfolder: str, dtype: torch.dtype | None = None, device: torch.device | None = None
     ) -> Any:
-        kwargs = {"local_files_only": True}
+        kwargs: dict[str, Any] = {"local_files_only": True}
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
         obj = cls.from_pretrained(str(self.path), subfolder=subfolder, **kwargs)
@@ -245,8 +188,9 @@ class DiffusersFamily(TeacherFamily):
 
     # ---- components ----------------------------------------------------------------------------------------
     @property
-    def vae(self) -> nn.Module:
-        """The frozen ``AutoencoderKL`` (loaded on first use)."""
+    def vae(self) -> Any:
+        """The frozen ``AutoencoderKL`` (loaded on first use; typed Any: diffusers types ``encode`` / ``decode`` as
+        unions of output classes and tuples)."""
         if self._vae is None:
             from diffusers import AutoencoderKL
 
@@ -272,11 +216,6 @@ class DiffusersFamily(TeacherFamily):
             )
         return text
 
-    @classmethod
-    def block_types(cls) -> tuple[type, ...]:
-        """Denoiser block classes, one FSDP unit each."""
-        return ()
-
     def load_denoiser(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Module:
         """The frozen teacher T from ``<path>/<denoiser_subfolder>`` in ``dtype`` (default ``denoiser_dtype``) on
         ``device`` (default the family's; the CPU when rank 0 reads weights that FSDP2 then shards)."""
@@ -297,14 +236,14 @@ class DiffusersFamily(TeacherFamily):
 
         From ``student_path`` when given, else the teacher's own weights (see :meth:`_teacher_fp32`).
         """
-        if self.student_path is not None:
-            net = self.denoiser_class.from_pretrained(
-                str(self.student_path), torch_dtype=torch.float32, local_files_only=True
-            )
-            net = net.to(next(unwrap(teacher).parameters()).device)
-        else:
-            net = self._teacher_fp32(teacher)
+        net = self._student_from_path(teacher) if self.student_path is not None else self._teacher_fp32(teacher)
         return net.to(torch.float32).train().requires_grad_(True)
+
+    def _student_from_path(self, teacher: nn.Module) -> Any:
+        """The fp32 denoiser of ``student_path`` on the teacher's device."""
+        net = self.denoiser_class.from_pretrained(str(self.student_path), torch_dtype=torch.float32,
+                                                  local_files_only=True)
+        return net.to(next(unwrap(teacher).parameters()).device)
 
     # ---- latents -------------------------------------------------------------------------------------------
     @property
@@ -325,63 +264,8 @@ class DiffusersFamily(TeacherFamily):
         shift = self.vae_config.get("shift_factor")
         return 0.0 if shift is None else float(shift)
 
-    @classmethod
-    def latent_multiple(cls, denoiser_config: Mapping[str, Any]) -> int:
-        """Latent sides must be multiples of this for a denoiser of ``denoiser_config`` (patch size, 2×2 packing,
-        UNet downsampling)."""
-        return 1
-
     def _latent_multiple(self) -> int:
         return self.latent_multiple(self.denoiser_config)
-
-    @classmethod
-    def pixel_multiple(cls, vae_config: Mapping[str, Any], denoiser_config: Mapping[str, Any]) -> int:
-        """Image sides that inference accepts must be multiples of this: the VAE factor 2^(levels − 1) (8 when the
-        config lacks ``block_out_channels``) times :meth:`latent_multiple`."""
-        return vae_factor(vae_config) * cls.latent_multiple(denoiser_config)
-
-    @classmethod
-    def max_pixel_side(cls, vae_config: Mapping[str, Any], denoiser_config: Mapping[str, Any]) -> int | None:
-        """The largest image side the denoiser's position embedding covers, or None when there is no limit."""
-        return None
-
-    # ---- memory plan (``senseflow memory``) -----------------------------------------------------------------
-    @classmethod
-    def public_denoiser(cls, hint: str) -> str:
-        """The shipped public denoiser config planned when the teacher folder has none; ``hint`` is the experiment
-        name and teacher path (lower case), for families with several sizes."""
-        raise ValueError(f"teacher.family={cls.name}: no shipped denoiser config and no local "
-                         f"{cls.denoiser_subfolder}/config.json; pass --denoiser CONFIG")
-
-    @classmethod
-    def memory_inputs(cls, config: Mapping[str, Any], batch: int, latent_side: int, clip_length: int,
-                      t5_length: int, dtype: torch.dtype, device: str = "meta") -> dict[str, Any]:
-        """Keyword arguments of one student forward (no guidance input) at the run's shapes: ``batch`` latents of
-        side ``latent_side`` (the latent requires grad) and the config's text lengths."""
-        raise NotImplementedError(f"{cls.name}: no memory-plan inputs")
-
-    @classmethod
-    def size_kwargs(cls, height: int, width: int) -> dict[str, Any]:
-        """Constructor arguments that the generation size fixes (SDXL: the micro-conditioning target size)."""
-        return {}
-
-    # ---- export (``senseflow export``) ---------------------------------------------------------------------
-    @classmethod
-    def export_scheduler_config(cls, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
-        """The scheduler config written beside an exported student, with which the stock pipeline runs our Euler
-        sampler on our anchors; by default the teacher's own, which must be a ``scheduler_class_name``."""
-        name = teacher_config.get("_class_name")
-        if name != cls.scheduler_class_name:
-            raise ValueError(
-                f"the teacher's scheduler is {name!r}; a {cls.name} export needs {cls.scheduler_class_name}"
-            )
-        return dict(teacher_config)
-
-    @classmethod
-    def export_pipeline_kwargs(cls, steps: int) -> dict[str, Any]:
-        """Keyword arguments with which the stock pipeline reproduces our ``steps``-step Euler sampler on an exported
-        folder (anchors from :mod:`senseflow.method.sampling`)."""
-        raise ValueError(f"a {cls.name} student cannot be exported: the family defines no pipeline arguments")
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) = (latent channels, height/f, width/f), f the VAE scale factor."""
@@ -390,7 +274,7 @@ class DiffusersFamily(TeacherFamily):
             raise ValueError(f"{self.name}: image size {height}x{width} must be positive multiples of {f}")
         return self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
 
-    def encode_pixels(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def encode_pixels(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
         """z ~ q(z | x) for pixels x ∈ [−1, 1], normalised to (z − shift)·scale."""
         with torch.no_grad():
             dist = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist

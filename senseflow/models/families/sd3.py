@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from senseflow.method.sampling import flow_anchor_grid
-from senseflow.method.schedules import Schedule
-from senseflow.models.families.base import Condition, TextComponent
+from senseflow.core.anchors import flow_anchor_grid
+from senseflow.core.condition import Condition
+from senseflow.core.family import TextComponent
+from senseflow.core.schedules import Schedule
 from senseflow.models.families.loading import DiffusersFamily, flow_schedule_from_config
 from senseflow.tiny import TINY_CLIP, TINY_T5, TINY_VAE, TinyTeacher
 
@@ -69,6 +70,7 @@ class SD3Family(DiffusersFamily):
     )
     guidance_kind = "cfg"
     schedule_kind = "flow"
+    gan_reference_misindexed = True  # the released SD3.5 trainer's reference GAN weight (§10)
     inference_flags = ("sd35_ckpt", "transformer_config")
     public_vae = "sd3_vae"
     #: SD3.5 Medium (MMDiT-X: dual attention in the first block) and Large (plain MMDiT); both with RMS qk-norm
@@ -137,7 +139,7 @@ class SD3Family(DiffusersFamily):
     def memory_inputs(cls, config: Mapping[str, Any], batch: int, latent_side: int, clip_length: int,
                       t5_length: int, dtype: torch.dtype, device: str = "meta") -> dict[str, Any]:
         """MMDiT(latents, [CLIP ; T5] tokens of the joint width, pooled, timestep)."""
-        kw = dict(device=device, dtype=dtype)
+        kw: dict[str, Any] = dict(device=device, dtype=dtype)
         x = torch.zeros(batch, config["in_channels"], latent_side, latent_side, requires_grad=True, **kw)
         context = torch.zeros(batch, clip_length + t5_length, config["joint_attention_dim"], **kw)
         return dict(hidden_states=x, encoder_hidden_states=context,

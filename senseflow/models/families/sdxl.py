@@ -20,10 +20,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from senseflow.method.sampling import anchor_indices
-from senseflow.method.schedules import DDPMSchedule, Schedule
-from senseflow.models.families.base import Condition, TextComponent
-from senseflow.models.families.loading import DiffusersFamily, vae_factor
+from senseflow.core.anchors import anchor_indices
+from senseflow.core.condition import Condition
+from senseflow.core.family import TextComponent, vae_factor
+from senseflow.core.schedules import DDPMSchedule, Schedule
+from senseflow.models.families.loading import DiffusersFamily
 from senseflow.tiny import TINY_CLIP, TINY_VAE, TinyTeacher
 
 __all__ = ["SDXLFamily"]
@@ -112,7 +113,7 @@ class SDXLFamily(DiffusersFamily):
         super().__init__(
             path, device, denoiser_dtype, vae_dtype, text_dtype, clip_max_length, student_path, text_device
         )
-        self.target_size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        self.target_size = (resolution, resolution) if isinstance(resolution, int) else (resolution[0], resolution[1])
         if self.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
             raise ValueError(
                 f"sdxl: {self.path / 'scheduler' / 'scheduler_config.json'} has prediction_type "
@@ -184,7 +185,7 @@ class SDXLFamily(DiffusersFamily):
     def memory_inputs(cls, config: Mapping[str, Any], batch: int, latent_side: int, clip_length: int,
                       t5_length: int, dtype: torch.dtype, device: str = "meta") -> dict[str, Any]:
         """UNet(sample, t, CLIP hidden states, added_cond_kwargs = pooled text embeds and 6 time ids)."""
-        kw = dict(device=device, dtype=dtype)
+        kw: dict[str, Any] = dict(device=device, dtype=dtype)
         x = torch.zeros(batch, config["in_channels"], latent_side, latent_side, requires_grad=True, **kw)
         n_time = 6 * int(config.get("addition_time_embed_dim") or 0)
         text_embeds = int(config.get("projection_class_embeddings_input_dim") or 0) - n_time
@@ -214,7 +215,7 @@ class SDXLFamily(DiffusersFamily):
         prompts = list(prompts)
         t = self.text
         hidden = []
-        out = None
+        out: Any = None  # the second encoder's output (CLIP-G: its projection is the pooled embedding)
         for tok, enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
             ids = self._tokenize(t[tok], prompts, self.clip_max_length)
             out = t[enc](ids, output_hidden_states=True)
@@ -248,6 +249,8 @@ class SDXLFamily(DiffusersFamily):
     ) -> Tensor:
         """ε̂ = UNet(x_t, t, prompt_embeds, added_cond_kwargs={text_embeds: pooled, time_ids}); ``guidance`` unused."""
         xin, c, _ = self._cast_inputs(net, x, cond)
+        if c.time_ids is None:
+            raise ValueError("an SDXL condition needs its time ids (docs/method.md §12)")
         t = torch.as_tensor(tau, device=x.device)
         t = (t.expand(x.shape[0]) if t.ndim == 0 else t).long()
         out = net(

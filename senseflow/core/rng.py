@@ -69,6 +69,11 @@ def randint(low: int, high_inclusive: int, shape: Sequence[int], source: NoiseSo
     return _draw(lambda size, **kw: torch.randint(low, high_inclusive + 1, size, **kw), shape, source, device)
 
 
+def gaussian_like(x: Tensor, generator: NoiseSource) -> Tensor:
+    """ε ~ N(0, I) shaped like ``x``, drawn in fp32 on the generator's device, then moved to x's device/dtype."""
+    return randn(tuple(x.shape), generator, device=x.device).to(x.dtype)
+
+
 class RunRNG:
     """The random streams of one process: ``shared`` (same on all ranks) and per-sample ``noise`` slots."""
 

@@ -21,10 +21,11 @@ def require_optimizer_backend(name: str) -> None:
 def build_optimizer(params: Iterable[nn.Parameter], lr: float, cfg: Any) -> torch.optim.Optimizer:
     """AdamW (torch) or 8-bit AdamW (bitsandbytes, when installed and ``optimizer.name: adamw8bit``)."""
     params = [p for p in params if p.requires_grad]
-    kwargs = dict(lr=lr, betas=tuple(cfg.betas), eps=float(cfg.eps), weight_decay=float(cfg.weight_decay))
+    b1, b2 = (float(b) for b in cfg.betas)
+    kwargs: dict[str, Any] = dict(lr=lr, betas=(b1, b2), eps=float(cfg.eps), weight_decay=float(cfg.weight_decay))
     if cfg.name == "adamw8bit":
         require_optimizer_backend(cfg.name)
-        import bitsandbytes as bnb  # type: ignore
+        import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
     if cfg.name == "adamw":

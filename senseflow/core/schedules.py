@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, overload
 
 import torch
 from torch import Tensor
 
-from senseflow.method import rng
+from senseflow.core import rng
 
 __all__ = [
     "Schedule",
@@ -44,11 +44,19 @@ def expand_like(tau: Tensor, x: Tensor) -> Tensor:
     return tau.reshape(tau.shape[0], *([1] * (x.ndim - 1)))
 
 
+@overload
+def static_shift(u: Tensor, shift: float) -> Tensor: ...
+@overload
+def static_shift(u: float, shift: float) -> float: ...
 def static_shift(u: Tensor | float, shift: float) -> Tensor | float:
     """SD3 static shift s(u) = shift·u / (1 + (shift − 1)·u); s₃(u) = 3u/(1+2u)."""
     return shift * u / (1 + (shift - 1) * u)
 
 
+@overload
+def dynamic_shift(u: Tensor, mu: float) -> Tensor: ...
+@overload
+def dynamic_shift(u: float, mu: float) -> float: ...
 def dynamic_shift(u: Tensor | float, mu: float) -> Tensor | float:
     """FLUX resolution-dependent shift σ = e^μ / (e^μ + (1/u − 1)) (the exponential time shift with exponent 1)."""
     if isinstance(u, Tensor):
@@ -263,7 +271,7 @@ class TimestepSampler:
     std: float = 1.0
     apply_shift: bool = True
 
-    def sample_index(self, batch: int, num_train_timesteps: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample_index(self, batch: int, num_train_timesteps: int, generator: rng.NoiseSource = None) -> Tensor:
         if self.kind == "uniform":
             return rng.randint(self.low, self.high, (batch,), generator)
         if self.kind == "logit_normal":
@@ -272,7 +280,7 @@ class TimestepSampler:
             return num_train_timesteps - 1 - j
         raise ValueError(f"timestep sampler kind {self.kind!r} is not one of: uniform, logit_normal")
 
-    def sample(self, schedule: Schedule, batch: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, schedule: Schedule, batch: int, generator: rng.NoiseSource = None) -> Tensor:
         """τ for a batch: σ (flow) or t (DDPM)."""
         index = self.sample_index(batch, schedule.num_train_timesteps, generator)
         return schedule.tau_from_index(index, apply_shift=self.apply_shift)
