@@ -95,7 +95,7 @@ def test_both_suite_yamls_load_with_their_methods_and_seeds():
     assert {m.trainer for m in shapes.methods.values()} == {"sdxl_dmd2", "sdxl_senseflow"}
     runs = shapes.runs()
     names = [r.name for r in runs]
-    assert names[:7] == ["DMD2", "SenseFlow", "SenseFlow w/o IDA", "SenseFlow w/o ISG",
+    assert names[:7] == ["DMD2", "SenseFlow", "SenseFlow + IDA", "SenseFlow w/o ISG",
                          "SenseFlow w/o VFM discriminator", "SenseFlow ISG sdxl_mode reference",
                          "SenseFlow GAN weight paper"]
     assert names[7:] == ["DMD2 (seed 1)", "SenseFlow (seed 1)"]          # headline methods again at the 2nd seed
