@@ -27,12 +27,24 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from senseflow.models.families import family_names, get_family
+
+if TYPE_CHECKING:
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from senseflow.core.family import TeacherFamily
+
+    # ignore: diffusers types ConfigMixin.config_name as None and ModelMixin's as str; its models mix both alike
+    class DiffusersModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
+        """What a student class is to the type checker: a diffusers model built from its config (the families'
+        ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, …)."""
+
 
 __all__ = [
     "CheckpointMismatchError",
@@ -43,9 +55,11 @@ __all__ = [
     "denoiser_class",
     "read_json",
     "student_config",
+    "checked_student_config",
     "empty_model",
     "checkpoint_shapes",
     "check_keys",
+    "check_student_keys",
     "read_state_dict",
     "load_student",
 ]
@@ -157,7 +171,7 @@ def resolve_student_source(checkpoint: Path | str) -> StudentSource:
     )
 
 
-def denoiser_class(config: Mapping[str, Any], fallback: str | None = None) -> type[nn.Module]:
+def denoiser_class(config: Mapping[str, Any], fallback: str | None = None) -> type[DiffusersModel]:
     """The diffusers class named by a model config's ``_class_name`` (or ``fallback``), restricted to students."""
     import diffusers
 
@@ -177,13 +191,24 @@ def student_config(base_config: Mapping[str, Any], overrides: Mapping[str, Any] 
     return cfg
 
 
-def empty_model(config: Mapping[str, Any], fallback_class: str | None = None) -> nn.Module:
+def checked_student_config(cfg_path: Path, family: type[TeacherFamily], needs: str) -> dict[str, Any]:
+    """The student's config: the model config at ``cfg_path`` with the family's ``student_overrides``; a ValueError
+    ``"<cfg_path> describes a <class>; <needs>"`` when it names another class than the family's denoiser."""
+    config = student_config(read_json(cfg_path), family.student_overrides)
+    cls = denoiser_class(config, family.denoiser_class_name)
+    if cls.__name__ != family.denoiser_class_name:
+        raise ValueError(f"{cfg_path} describes a {cls.__name__}; {needs}")
+    return config
+
+
+def empty_model(config: Mapping[str, Any], fallback_class: str | None = None) -> DiffusersModel:
     """The architecture of ``config`` with parameters on the meta device (no memory); buffers stay real."""
     from accelerate import init_empty_weights
 
     cls = denoiser_class(config, fallback_class)
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(dict(config))
+    assert not isinstance(model, tuple)  # (model, unused kwargs) only with return_unused_kwargs=True
     return model
 
 
@@ -310,6 +335,14 @@ def check_keys(
     return ignored
 
 
+def check_student_keys(source: StudentSource, config: Mapping[str, Any], family: type[TeacherFamily],
+                       where: str) -> None:
+    """The keys and shapes of ``source`` against the family's student built from ``config`` (:func:`check_keys`,
+    ``where`` names that architecture), from headers / a memory map only: no weight is read."""
+    expected = {k: tuple(v.shape) for k, v in empty_model(config, family.denoiser_class_name).state_dict().items()}
+    check_keys(expected, checkpoint_shapes(source, expected), where, family.student_ignore_prefixes)
+
+
 def read_state_dict(source: StudentSource, expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
     """All tensors of ``source`` (CPU, as stored), with wrapper prefixes stripped."""
     if source.kind == "pth":
@@ -332,7 +365,7 @@ def load_student(
     ignore_prefixes: Sequence[str] = (),
     fallback_class: str | None = None,
     where: str = "the student",
-) -> nn.Module:
+) -> DiffusersModel:
     """Build the architecture of ``config`` and load ``source`` into it (strict), in ``dtype`` on ``device``.
 
     ``dtype=None`` keeps the stored dtype (parameters take the checkpoint's tensors, ``load_state_dict(assign=True)``).

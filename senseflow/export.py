@@ -37,14 +37,11 @@ from typing import Any, Sequence
 import torch
 
 from senseflow.checkpoint_io import (
-    check_keys,
-    checkpoint_shapes,
-    denoiser_class,
-    empty_model,
+    check_student_keys,
+    checked_student_config,
     load_student,
     read_json,
     resolve_student_source,
-    student_config,
 )
 from senseflow.core.dtypes import CLI_DTYPES as _DTYPES
 from senseflow.inference import UsageError, UsageParser, check_teacher_folder
@@ -172,18 +169,11 @@ def export(
     index = check_teacher_folder(teacher, fam.name)
     sub = fam.denoiser_subfolder
     cfg_path = teacher / sub / "config.json"
-    config = student_config(read_json(cfg_path), fam.student_overrides)
-    cls = denoiser_class(config, fam.denoiser_class_name)
-    if cls.__name__ != fam.denoiser_class_name:
-        raise ValueError(f"{cfg_path} describes a {cls.__name__}; --family {family} needs a {fam.denoiser_class_name}")
+    config = checked_student_config(cfg_path, fam, f"--family {family} needs a {fam.denoiser_class_name}")
     teacher_sched = read_json(teacher / "scheduler" / "scheduler_config.json")
     sched = fam.export_scheduler_config(teacher_sched)
     source = resolve_student_source(checkpoint)
-    expected = {k: tuple(v.shape) for k, v in empty_model(config, fam.denoiser_class_name).state_dict().items()}
-    check_keys(
-        expected, checkpoint_shapes(source, expected), f"the {family} student ({cfg_path})",
-        fam.student_ignore_prefixes,
-    )
+    check_student_keys(source, config, fam, f"the {family} student ({cfg_path})")
 
     quiet_libraries()
     student = load_student(source, config, dtype=dtype, ignore_prefixes=fam.student_ignore_prefixes,

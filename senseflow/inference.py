@@ -32,14 +32,11 @@ from torch import Tensor, nn
 
 from senseflow.checkpoint_io import (
     StudentSource,
-    check_keys,
-    checkpoint_shapes,
-    denoiser_class,
-    empty_model,
+    check_student_keys,
+    checked_student_config,
     load_student,
     read_json,
     resolve_student_source,
-    student_config,
 )
 from senseflow.core import rng
 from senseflow.core.anchors import make_anchors
@@ -326,10 +323,7 @@ def prepare(args: argparse.Namespace, spec: InferenceSpec) -> Plan:
         cfg_path = source.config_path
     else:
         cfg_path = teacher_dir / fam.denoiser_subfolder / "config.json"
-    config = student_config(read_json(cfg_path), fam.student_overrides)
-    cls = denoiser_class(config, fam.denoiser_class_name)
-    if cls.__name__ != fam.denoiser_class_name:
-        raise ValueError(f"{cfg_path} describes a {cls.__name__}; this script needs a {fam.denoiser_class_name} config")
+    config = checked_student_config(cfg_path, fam, f"this script needs a {fam.denoiser_class_name} config")
 
     vae_config = read_json(teacher_dir / "vae" / "config.json")
     multiple = fam.pixel_multiple(vae_config, config)
@@ -341,9 +335,7 @@ def prepare(args: argparse.Namespace, spec: InferenceSpec) -> Plan:
         raise UsageError(f"--height/--width {args.height}x{args.width} exceed this model's maximum of {limit} px")
 
     # the checkpoint's keys against the architecture: from headers / mmap only, before any weight is loaded
-    expected = {k: tuple(v.shape) for k, v in empty_model(config, fam.denoiser_class_name).state_dict().items()}
-    check_keys(expected, checkpoint_shapes(source, expected), f"a {fam.denoiser_class_name} built from {cfg_path}",
-               fam.student_ignore_prefixes)
+    check_student_keys(source, config, fam, f"a {fam.denoiser_class_name} built from {cfg_path}")
 
     return Plan(spec=spec, teacher_dir=teacher_dir, source=source, config=config, items=items,
                 output_dir=Path(args.output_dir), sampler=args.sampler, steps=args.steps, seed=args.seed,

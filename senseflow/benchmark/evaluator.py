@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from senseflow.benchmark.report import MethodResult
+from senseflow.core.anchors import make_anchors
 
 if TYPE_CHECKING:
     from senseflow.benchmark.suites import Suite
@@ -116,8 +117,6 @@ class Evaluator:
     def anchors(self, steps: int) -> Tensor:
         """K evenly spaced anchors of the teacher's schedule (flow: σ = shift(1 − k/K), SD3.5 1, .9, .75, .5 for
         K = 4; DDPM: t = 999, 749, 499, 249), the student's for K = 4."""
-        from senseflow.method.sampling import make_anchors
-
         return make_anchors(self.schedule, steps)
 
     @torch.no_grad()
@@ -148,15 +147,15 @@ class Evaluator:
 
     def student_images(self, student: nn.Module, sampler: str = "stochastic") -> tuple[Tensor, float]:
         """Student 4-step sampler without guidance (1 NFE per step), docs/method.md §16.3: ``stochastic`` ("Ours",
-        re-noising x̂₀ with fresh ε at each anchor) or ``euler`` ("Ours (Euler)", x ← x + (σ_{k+1} − σ_k)·v)."""
-        from senseflow.method.sampling import sample_euler, sample_stochastic
+        re-noising x̂₀ with fresh ε at each anchor) or ``euler`` ("Ours (Euler)", x ← x + (σ_{k+1} − σ_k)·v), taken
+        from :data:`senseflow.method.sampling.SAMPLERS` (the Euler sampler draws nothing: ``g`` is unused by it)."""
+        from senseflow.method.sampling import get_sampler
 
+        if sampler not in STUDENT_SAMPLERS:
+            raise ValueError(f"student sampler {sampler!r} is not one of {', '.join(STUDENT_SAMPLERS)}")
+        sample = get_sampler(sampler)
         anchors = self.anchors(self.spec.student_steps)
-        if sampler == "stochastic":
-            return self.sample_set(lambda c, x, g: sample_stochastic(self.family, student, c, anchors, g, latents=x))
-        if sampler == "euler":
-            return self.sample_set(lambda c, x, g: sample_euler(self.family, student, c, anchors, latents=x))
-        raise ValueError(f"student sampler {sampler!r} is not one of {', '.join(STUDENT_SAMPLERS)}")
+        return self.sample_set(lambda c, x, g: sample(self.family, student, c, anchors, g, latents=x))
 
     def load_student(self, weights: str | Path) -> nn.Module:
         """G's architecture (a copy of the teacher) with a ``.safetensors`` file or a checkpoint folder's weights

@@ -51,17 +51,18 @@ def cost_comparison(results: Sequence[MethodResult]) -> list[str]:
     """Each student row (``extra["seed"]`` set) against the teacher rows (``extra["teacher_steps"]`` set): at equal
     cost (the teacher row of the same NFE, with CFG 2 per step) and at the student's own step count (twice its NFE).
     FD-T lower is better; the lines say which side each comparison falls on."""
-    teachers = {r.nfe: r for r in results if "teacher_steps" in r.extra and r.fd_teacher is not None}
+    teachers = {r.nfe: (r.name, r.fd_teacher) for r in results
+                if "teacher_steps" in r.extra and r.fd_teacher is not None}
     lines = []
     for r in results:
         if "seed" not in r.extra or r.fd_teacher is None:
             continue
         parts = []
         for nfe, label in ((r.nfe, "same cost"), (2 * r.nfe, "twice the cost")):
-            t = teachers.get(nfe)
-            if t is not None:
-                side = "better" if r.fd_teacher < t.fd_teacher else "not better"
-                parts.append(f"{side} than {t.name} ({label}: {t.fd_teacher:.1f})")
+            if nfe in teachers:
+                t_name, t_fdt = teachers[nfe]
+                side = "better" if r.fd_teacher < t_fdt else "not better"
+                parts.append(f"{side} than {t_name} ({label}: {t_fdt:.1f})")
         if parts:
             lines.append(f"- {r.name}: FD-T {r.fd_teacher:.1f}, " + "; ".join(parts))
     return ["", "Against the teacher's own few-step sampler (FD-T):", *lines] if lines else []
@@ -84,7 +85,7 @@ def _tile(image: Tensor, scale: int):
     from PIL import Image
 
     arr = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    return Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.Resampling.NEAREST)
 
 
 def image_grid(images: Tensor, rows: Sequence[Sequence[int]], scale: int = 2):

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from senseflow.benchmark.evaluator import STUDENT_SAMPLERS, Evaluator, teacher_row_name
 from senseflow.benchmark.report import MethodResult, plot_curves, write_results
@@ -39,7 +39,9 @@ def train_runs(runs: Sequence[Run], work: Path, teacher: Path, assets: dict[str,
     and raises with its log's path."""
     from senseflow.digits.demo import _free_port, train_command
 
-    pending, running, done = list(runs), [], {}
+    pending = list(runs)
+    running: list[tuple[Run, subprocess.Popen[bytes], list[str], float]] = []
+    done: dict[str, dict[str, Any]] = {}
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -73,6 +75,13 @@ def train_runs(runs: Sequence[Run], work: Path, teacher: Path, assets: dict[str,
             proc.terminate()
             proc.wait()
     return done
+
+
+def _fd_teacher(r: MethodResult) -> float:
+    """The FD-T of a row the evaluator scored (it builds the reference set first, so every row has one)."""
+    if r.fd_teacher is None:
+        raise RuntimeError(f"{r.name}: scored without the FD-T reference set")
+    return r.fd_teacher
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -115,7 +124,7 @@ def run_benchmark(settings: BenchmarkSettings, out: Path, command: str, methods:
         suite.grid(im).save(grids / f"teacher_{steps}step.png")
         if steps == ev.spec.teacher_steps:
             finals[f"teacher {steps}-step"] = im
-        hlines[f"teacher {steps}-step" + (" (floor)" if steps == ev.spec.teacher_steps else "")] = r.fd_teacher
+        hlines[f"teacher {steps}-step" + (" (floor)" if steps == ev.spec.teacher_steps else "")] = _fd_teacher(r)
         log(str(r))
     curves: dict[str, list[tuple[int, float]]] = {}
     euler_rows = []
@@ -124,7 +133,7 @@ def run_benchmark(settings: BenchmarkSettings, out: Path, command: str, methods:
         curve = []
         for ck in cks:
             r, im = ev.evaluate_student(ck, run.name)
-            curve.append((int(ck.name.split("_")[1]), r.fd_teacher))
+            curve.append((int(ck.name.split("_")[1]), _fd_teacher(r)))
         r.extra.update(iterations=curve[-1][0], seed=run.seed, train_seconds=trained[run.name]["train_seconds"])
         results.append(r)
         curves[run.name] = curve

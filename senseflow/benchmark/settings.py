@@ -124,7 +124,7 @@ def settings_path(suite: str | Path) -> Path:
     return repo_root() / "configs" / "benchmarks" / f"{suite}.yaml"
 
 
-def _check(section: Any, known: set[str], where: str) -> dict:
+def _check(section: Any, known: set[str], where: str) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(section).__name__}")
     unknown = sorted(set(section) - known)
@@ -146,8 +146,7 @@ def load_settings(suite: str | Path, overrides: Sequence[str] = ()) -> Benchmark
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no benchmark settings (configs/benchmarks/<suite>.yaml)")
     cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    _check(raw, _TOP, str(path))
+    raw = _check(OmegaConf.to_container(cfg, resolve=True), _TOP, str(path))
     suite_cfg = dict(raw["suite"] or {})
     kind = suite_cfg.pop("kind", None)
     ev = _check(raw["eval"], _EVAL, "eval")

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from senseflow.core.family import vae_factor
 from senseflow.data.cache import source_fingerprint
 from senseflow.data.errors import BadSampleError, DataError
 from senseflow.data.json_images import ImageCaptionDataset
@@ -124,7 +125,7 @@ def _vae_identity(vae, vae_path: str | os.PathLike[str] | None) -> str:
 
 
 def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae.config)
     if resolution % factor:
         raise ValueError(f"resolution {resolution} is not a multiple of the VAE downscale factor {factor}")
     return (int(vae.config.latent_channels), resolution // factor, resolution // factor)

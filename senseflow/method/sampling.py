@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from senseflow.core import rng
-from senseflow.core.anchors import make_anchors  # noqa: F401  (senseflow/benchmark/evaluator.py imports it from here)
 from senseflow.core.condition import Condition
 from senseflow.core.family import TeacherFamily
 from senseflow.core.schedules import Schedule

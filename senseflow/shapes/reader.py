@@ -148,6 +148,9 @@ class ShapesReader(nn.Module):
     """Backbone maps, a hidden 1×1 layer h, per-pair heat maps ℓ_k and offsets δ_k; presence from a smooth max of ℓ_k,
     centre = the soft-argmax of ℓ_k moved by δ_k (see the module doc)."""
 
+    coords: Tensor  # (1, 2, r, r) pixel coordinates in [−1, 1], a buffer
+    cells: Tensor  # (2, G²) cell centres in pixels, a buffer
+
     def __init__(self, config: ReaderConfig) -> None:
         super().__init__()
         self.config = config
@@ -253,7 +256,7 @@ class GroundTruthReader:
 
     def __init__(self, scenes: Sequence[Scene], pairs: Sequence[tuple[str, str]] = _DEFAULT_DATA.pairs) -> None:
         self.scenes = list(scenes)
-        self.pairs = tuple(tuple(p) for p in pairs)
+        self.pairs = tuple((a, b) for a, b in pairs)
 
     def read(self, images: Tensor) -> Readout:
         if images.shape[0] != len(self.scenes):
@@ -407,7 +410,11 @@ def sample_correct(
     for a, _, b in stated.relations:
         for p in (a, b):
             present.setdefault(tuple(p), bool(readout.presence[i, readout.index(p)] >= threshold))
-    centre = lambda p: tuple(float(v) for v in readout.centres[i, readout.index(p)])  # noqa: E731
+
+    def centre(p: tuple[str, str]) -> tuple[float, float]:
+        x, y = readout.centres[i, readout.index(p)]
+        return float(x), float(y)
+
     rel_ok = [
         present[tuple(a)] and present[tuple(b)] and relation_holds(centre(a), r, centre(b), tolerance)
         for a, r, b in stated.relations

@@ -396,8 +396,8 @@ def _draw_layout(config: ShapesConfig, rng: np.random.Generator) -> tuple[list[S
         else:
             return None
         jitter = rng.uniform(-config.colour_jitter, config.colour_jitter, size=3)
-        rgb = tuple(int(v) for v in np.clip(np.round(np.asarray(rgb_of[colour]) + jitter), 0, 255))
-        objects.append(SceneObject(shape, colour, round(cx, 4), round(cy, 4), round(s, 4), rgb))
+        red, green, blue = (int(v) for v in np.clip(np.round(np.asarray(rgb_of[colour]) + jitter), 0, 255))
+        objects.append(SceneObject(shape, colour, round(cx, 4), round(cy, 4), round(s, 4), (red, green, blue)))
         masks.append(mask)
     return objects, masks
 

@@ -70,6 +70,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from senseflow.core.io import atomic_write_text, fsync_file
+
 if TYPE_CHECKING:
     from senseflow.method.players import Player, Stateful
 
@@ -171,7 +173,7 @@ def record_digest(checkpoint: Path | str) -> Path:
         raise FileNotFoundError(f"{checkpoint} is not a DCP checkpoint folder (no .metadata)")
     names = sorted(p.name for p in checkpoint.iterdir() if p.is_file())
     out = digest_path(checkpoint)
-    _write_text_atomic(out, _digest_json(checkpoint, {n: _sha256(checkpoint / n) for n in names}))
+    atomic_write_text(out, _digest_json(checkpoint, {n: _sha256(checkpoint / n) for n in names}), fsync=True)
     return out
 
 
@@ -194,24 +196,9 @@ def _read_digest(checkpoint: Path) -> tuple[dict[str, str] | None, str | None]:
     return dict(files), None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_torch(obj: Any, path: Path) -> None:
     torch.save(obj, path)
-    _fsync(path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    fsync_file(path)
 
 
 @torch.no_grad()
@@ -341,7 +328,7 @@ class Checkpointer:
         if self.rank == 0:
             for file, weights in files.items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / file))
-                _fsync(tmp / file)
+                fsync_file(tmp / file)
             (tmp / "config.yaml").write_text(self.config_yaml)
             _save_torch(trainer_state, tmp / TRAINER_STATE)
         del files
@@ -366,10 +353,10 @@ class Checkpointer:
                 shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync(self.root)
-        _write_text_atomic(digest_path(final), digest)
-        _write_text_atomic(self.root / "latest", final.name)
-        _fsync(self.root)
+        fsync_file(self.root)
+        atomic_write_text(digest_path(final), digest, fsync=True)
+        atomic_write_text(self.root / "latest", final.name, fsync=True)
+        fsync_file(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -129,7 +129,7 @@ def acquire_run_lock(run_dir: Path | str) -> RunLock:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK_NAME
     pid = os.getpid()
-    record = {"host": socket.gethostname(), "pid": pid, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    record: dict[str, Any] = {"host": socket.gethostname(), "pid": pid, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "proc_start": _proc_start(pid), "token": uuid.uuid4().hex}
     tmp = run_dir / f"{LOCK_NAME}.{pid}.{record['token'][:8]}.tmp"
     tmp.write_text(json.dumps(record) + "\n")
