@@ -109,10 +109,10 @@ def test_config_key_sdxl_mode_reaches_the_options_the_distiller_gets():
     anchors = s.anchors(indices=[999, 749, 499, 249])
     for mode in ("intended", "reference"):
         cfg = load_config(preset, [f"method.isg.sdxl_mode={mode}"])
-        assert ISGOptions.from_config(cfg.method.isg).mode == mode
+        assert ISGOptions.from_config(cfg.method.isg).sdxl_mode == mode
         net = AffineField(0.1, 0.0)
         distiller = Distiller(cfg.method, ToyFamily(s), s, anchors, net, net, net)
-        assert distiller.isg_options == ISGOptions(margin=20, margin_space="timestep", mode=mode)
+        assert distiller.isg_options == ISGOptions(margin=20, margin_space="timestep", sdxl_mode=mode)
     assert ISGOptions.from_config({"margin": 20, "margin_space": "index", "sdxl_mode": "reference"}).mode == "reference"
 
 
@@ -235,7 +235,7 @@ def test_sdxl_reference_reduces_to_x0_regression(k):
     s, anchors, family, teacher, gen, cond, x = _sdxl_setup()
     tau_k = anchors[k].expand(2)
     pred_theta = gen(x, tau_k, cond.pooled)
-    opts = ISGOptions(margin=20, margin_space="timestep", mode="reference", last_segment_end="grid_start")
+    opts = ISGOptions(margin=20, margin_space="timestep", sdxl_mode="reference", last_segment_end="grid_start")
     _, logs = isg_loss(family, s, gen, teacher, x, pred_theta, k, anchors, cond, 7.0, opts,
                        torch.Generator().manual_seed(5), keep_images=True)
     x0_g = s.x0_from(x, pred_theta.detach(), tau_k).double()
@@ -250,7 +250,7 @@ def test_sdxl_reference_reduces_to_x0_regression(k):
 def test_sdxl_reference_loss_does_not_depend_on_the_midpoint():
     s, anchors, family, teacher, gen, cond, x = _sdxl_setup()
     pred = gen(x, anchors[1].expand(2), cond.pooled)
-    opts = ISGOptions(margin=20, margin_space="timestep", mode="reference")
+    opts = ISGOptions(margin=20, margin_space="timestep", sdxl_mode="reference")
     losses, mids = [], []
     for seed in range(3):
         loss, logs = isg_loss(family, s, gen, teacher, x, pred, 1, anchors, cond, 7.0, opts,

@@ -15,10 +15,10 @@ With x = x_in, G's raw prediction p_θ = G(x, τ_k) (with grad) and ``step`` the
     x_dir = step(x, p_θ, τ_k → τ_{k+1})                 the generator's direct move, differentiable
     L_ISG = mean(√((x_dir − x_tar)² + c²) − c)         ``pseudo_huber`` (c = 1e-3), or mean((x_dir − x_tar)²) ``l2``
 
-``mode`` is the config key ``method.isg.sdxl_mode`` (validation allows ``reference`` for SDXL teachers only).
-``mode = "intended"`` (default) is the construction above for every schedule: for SDXL it is the paper's
+``sdxl_mode`` (config key ``method.isg.sdxl_mode``; validation allows ``reference`` for SDXL teachers only):
+``"intended"`` (default) is the construction above for every schedule: for SDXL it is the paper's
 "teacher τ_k → τ_m, generator τ_m → τ_{k+1}" with the generator's own ε at the mid-point (x̃₀ from ε_m).
-``mode = "reference"`` reproduces the released SDXL code (§8.2): x̃₀ = x0_from(x_m, p_T, τ_m) reuses the teacher's
+``"reference"`` reproduces the released SDXL code (§8.2): x̃₀ = x0_from(x_m, p_T, τ_m) reuses the teacher's
 prediction (so x̃₀ = x̂₀^T), the target is add_noise(x̃₀, ε̂_m, τ_{k+1}) and the direct move is
 add_noise(x̂₀^G, ε̂_m, τ_{k+1}). Both share the noise term, so x_dir − x_tar = √ᾱ_{t_{k+1}}·(x̂₀^G − x̂₀^T): an x₀
 regression onto the guided teacher at the same time, independent of τ_m.
@@ -85,7 +85,7 @@ class ISGOptions:
     loss: str = "pseudo_huber"
     huber_c: float = 1e-3
     last_segment_end: str = "zero"
-    mode: str = "intended"
+    sdxl_mode: str = "intended"
     midpoint_model: str = "generator"
 
     def __post_init__(self) -> None:
@@ -93,7 +93,7 @@ class ISGOptions:
             ("loss", self.loss, _LOSSES),
             ("margin_space", self.margin_space, _SPACES),
             ("last_segment_end", self.last_segment_end, _ENDS),
-            ("mode", self.mode, _MODES),
+            ("sdxl_mode", self.sdxl_mode, _MODES),
             ("midpoint_model", self.midpoint_model, _MIDPOINT_MODELS),
         ):
             if value not in allowed:
@@ -106,11 +106,11 @@ class ISGOptions:
     @classmethod
     def from_config(cls, cfg: Any) -> "ISGOptions":
         """Read the options from the config section ``method.isg`` (a mapping or an attribute object such as
-        :class:`senseflow.config.ISGConfig`); other keys are ignored. ``mode`` is read from the config key
-        ``sdxl_mode``; every other field from the key of its own name."""
+        :class:`senseflow.config.ISGConfig`); other keys are ignored. Every field is read from the key of its
+        own name."""
         keys = {"margin": ("margin", int), "margin_space": ("margin_space", str), "loss": ("loss", str),
                 "huber_c": ("huber_c", float), "last_segment_end": ("last_segment_end", str),
-                "mode": ("sdxl_mode", str), "midpoint_model": ("midpoint_model", str)}
+                "sdxl_mode": ("sdxl_mode", str), "midpoint_model": ("midpoint_model", str)}
         out = {}
         for name, (key, cast) in keys.items():
             value = cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
@@ -286,7 +286,7 @@ def isg_loss(
     tau_next = segment_end(schedule, anchors, k, opts.last_segment_end, x_in)
     x_dir, x_tar = isg_trajectories(
         family, schedule, generator_net, teacher, x_in, pred_theta, tau_k, tau_m_b, tau_next, cond,
-        guidance_scale, opts.mode, opts.midpoint_model,
+        guidance_scale, opts.sdxl_mode, opts.midpoint_model,
     )
     loss = isg_distance(x_dir, x_tar, opts.loss, opts.huber_c)
     diff = (x_dir.detach() - x_tar).abs().mean()
