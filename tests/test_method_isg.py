@@ -113,7 +113,8 @@ def test_config_key_sdxl_mode_reaches_the_options_the_distiller_gets():
         net = AffineField(0.1, 0.0)
         distiller = Distiller(cfg.method, ToyFamily(s), s, anchors, net, net, net)
         assert distiller.isg_options == ISGOptions(margin=20, margin_space="timestep", sdxl_mode=mode)
-    assert ISGOptions.from_config({"margin": 20, "margin_space": "index", "sdxl_mode": "reference"}).mode == "reference"
+    opts = ISGOptions.from_config({"margin": 20, "margin_space": "index", "sdxl_mode": "reference"})
+    assert opts.sdxl_mode == "reference"
 
 
 # ---- the flow target, by hand ---------------------------------------------------------------------------------------

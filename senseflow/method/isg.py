@@ -218,7 +218,7 @@ def isg_trajectories(
     x_dir carries the gradient of ``pred_theta``; x_tar is computed without grad. Both are fp32.
     """
     if mode not in _MODES:
-        raise ValueError(f"isg.mode: {mode!r} is not one of {', '.join(_MODES)}")
+        raise ValueError(f"isg.sdxl_mode: {mode!r} is not one of {', '.join(_MODES)}")
     if midpoint_model not in _MIDPOINT_MODELS:
         raise ValueError(f"isg.midpoint_model: {midpoint_model!r} is not one of {', '.join(_MIDPOINT_MODELS)}")
     x = x_in.detach().float()
