@@ -2,8 +2,8 @@
 
 Accepted forms of ``checkpoint`` (docs/method.md §15-§16):
 
-* a ``.pth`` / ``.pt`` / ``.bin`` file read with ``torch.load(weights_only=True)``: either ``{"model": state_dict}``
-  (the authors' ``ckpt_model_N.pth``) or a bare state dict;
+* a ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` file read with ``torch.load(weights_only=True)``: either
+  ``{"model": state_dict}`` (the authors' ``ckpt_model_N.pth``) or a bare state dict;
 * a ``.safetensors`` file (e.g. ``student.safetensors`` of one of our training checkpoints);
 * a diffusers folder: a whole exported pipeline (the student in ``transformer/`` or ``unet/``), or a bare model
   folder holding ``config.json`` and ``diffusion_pytorch_model*.safetensors`` (the released ``SenseFlow-FLUX``);
@@ -118,9 +118,7 @@ def read_json(path: Path | str) -> dict[str, Any]:
 def _model_folder(folder: Path) -> Path | None:
     """The folder holding a diffusers model config + weights: ``folder`` itself or its transformer/ or unet/."""
     for cand in (folder, *(folder / s for s in denoiser_subfolders())):
-        if (cand / "config.json").is_file() and (
-            any(cand.glob("diffusion_pytorch_model*.safetensors")) or any(cand.glob("*.safetensors"))
-        ):
+        if (cand / "config.json").is_file() and any(cand.glob("*.safetensors")):
             return cand
     return None
 
@@ -144,7 +142,8 @@ def resolve_student_source(checkpoint: Path | str) -> StudentSource:
         if suffix in (".pth", ".pt", ".bin", ".ckpt"):
             return StudentSource("pth", path)
         raise ValueError(
-            f"student checkpoint {path}: unknown file type {suffix!r} (expected .pth, .pt, .bin or .safetensors)"
+            f"student checkpoint {path}: unknown file type {suffix!r} (expected .pth, .pt, .bin, .ckpt or "
+            ".safetensors)"
         )
     # folders: a run's checkpoints/ with a 'latest' pointer -> the newest complete checkpoint
     if (path / "latest").is_file():
@@ -271,11 +270,10 @@ def _safetensors_files(source: StudentSource) -> list[Path]:
     return files
 
 
-def checkpoint_shapes(source: StudentSource, expected: Iterable[str] = ()) -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(source: StudentSource) -> dict[str, tuple[int, ...]]:
     """Parameter names → shapes of ``source`` without reading the tensors (safetensors header, mmap).
 
-    Names are returned without wrapper prefixes (``module.``, ``_orig_mod.``). ``expected`` is unused (kept for
-    callers that pass the architecture's names).
+    Names are returned without wrapper prefixes (``module.``, ``_orig_mod.``).
     """
     if source.kind == "pth":
         return {_strip_wrappers(k): tuple(v.shape) for k, v in _load_pth(source.path).items()}
@@ -340,10 +338,10 @@ def check_student_keys(source: StudentSource, config: Mapping[str, Any], family:
     """The keys and shapes of ``source`` against the family's student built from ``config`` (:func:`check_keys`,
     ``where`` names that architecture), from headers / a memory map only: no weight is read."""
     expected = {k: tuple(v.shape) for k, v in empty_model(config, family.denoiser_class_name).state_dict().items()}
-    check_keys(expected, checkpoint_shapes(source, expected), where, family.student_ignore_prefixes)
+    check_keys(expected, checkpoint_shapes(source), where, family.student_ignore_prefixes)
 
 
-def read_state_dict(source: StudentSource, expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+def read_state_dict(source: StudentSource) -> dict[str, Tensor]:
     """All tensors of ``source`` (CPU, as stored), with wrapper prefixes stripped."""
     if source.kind == "pth":
         return {_strip_wrappers(k): v for k, v in _load_pth(source.path).items()}
@@ -374,8 +372,8 @@ def load_student(
     """
     model = empty_model(config, fallback_class)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(expected, checkpoint_shapes(source, expected), where, ignore_prefixes)
-    state = read_state_dict(source, expected)
+    check_keys(expected, checkpoint_shapes(source), where, ignore_prefixes)
+    state = read_state_dict(source)
     state = {k: v for k, v in state.items() if k in expected}
     model.load_state_dict(state, strict=True, assign=True)
     # nn.Module.to: ModelMixin.to warns about fp32-kept modules, and students have none

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from senseflow.benchmark import DigitsSuite, ShapesSuite, build_suite, load_settings
-from senseflow.digits.demo import repo_root
+from senseflow.config import load_config
+from senseflow.launch import repo_root
 from senseflow.shapes import HELDOUT_STREAM, ShapesConfig, generate_scenes
 
 
@@ -57,7 +58,10 @@ def test_shapes_suite_accuracy_passes_the_real_scenes_and_fails_noise(shapes_sui
     real = shapes_suite.heldout.images
     report = shapes_suite.accuracy_report(real)
     assert report["accuracy"] >= 0.9 and report["object_accuracy"] >= report["accuracy"]
-    assert shapes_suite.heldout_accuracy() == report["accuracy"]        # the reader's own ceiling on these prompts
+    # the reader's ceiling on these prompts: high on the real held-out scenes, low when each scene is scored against
+    # another scene's caption (images rolled by one against their prompts)
+    assert shapes_suite.heldout_accuracy() >= 0.95
+    assert shapes_suite.accuracy_report(real.roll(1, 0))["accuracy"] < 0.2
     noise = torch.rand_like(real) * 2 - 1
     assert shapes_suite.accuracy_report(noise)["accuracy"] < 0.1
     # FD to real scenes: small for real held-out scenes, large for noise; FD between a set and itself is 0
@@ -90,6 +94,7 @@ def test_both_suite_yamls_load_with_their_methods_and_seeds():
     assert digits.teacher_steps == [28, 4, 2] and digits.eval_spec().teacher_baselines == (4, 2)
     assert digits.methods["SenseFlow GAN weight paper"].overrides == ["method.gan.time_weight=paper"]
     assert digits.methods["SenseFlow (IDA+ISG+GAN)"].overrides == []     # the preset's GAN weight: reference
+    assert load_config(repo_root() / "configs/SD35/digits_senseflow.yaml").method.gan.time_weight == "reference"
     shapes = load_settings("shapes", ["train.iterations=8", "train.seeds=[0,1]"])
     assert shapes.iterations == 8 and shapes.teacher == repo_root() / "senseflow/assets/shapes_teacher"
     assert {m.trainer for m in shapes.methods.values()} == {"sdxl_dmd2", "sdxl_senseflow"}
@@ -100,11 +105,49 @@ def test_both_suite_yamls_load_with_their_methods_and_seeds():
                          "SenseFlow GAN weight paper"]
     assert names[7:] == ["DMD2 (seed 1)", "SenseFlow (seed 1)"]          # headline methods again at the 2nd seed
     assert [(r.slug, r.seed) for r in runs[7:]] == [("dmd2_seed1", 1), ("senseflow_seed1", 1)]
+    assert [r.slug for r in load_settings("shapes", ["train.seeds=[1]"]).runs(["DMD2"])] == ["dmd2_seed1"]
     assert [r.name for r in shapes.runs(["SenseFlow"])] == ["SenseFlow", "SenseFlow (seed 1)"]
     with pytest.raises(ValueError, match="unknown method"):
         shapes.runs(["SenseFlow w/o everything"])
     with pytest.raises(ValueError, match="itrations"):
         load_settings("shapes", ["train.itrations=8"])
+
+
+@pytest.mark.parametrize("override, says", [
+    ("eval.batch_size=0", "eval.batch_size must be ≥ 1"),
+    ("methods.DMD2.config=configs/sdxl/no_such.yaml", "methods['DMD2'].config"),
+])
+def test_the_tool_refuses_a_bad_setting_with_one_line_before_writing_anything(tmp_path, capsys, override, says):
+    out = tmp_path / "bench"
+    assert _tool().main(["--suite", "shapes", "--out", str(out), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(repo_root() / "configs" / "benchmarks" / "shapes.yaml") in err and says in err
+    assert not out.exists()
+
+
+def test_a_run_is_reused_only_when_finished_with_the_intended_settings(tmp_path):
+    from senseflow.benchmark.runner import finished_run
+    from senseflow.config import load_config, resolved_yaml
+    from senseflow.launch import train_command
+
+    config = repo_root() / "configs" / "sdxl" / "shapes_senseflow.yaml"
+    assets = {k: tmp_path / k for k in ("data", "dino", "clip")}
+    run = tmp_path / "run"
+    cmd = train_command(config, run, tmp_path / "teacher", assets, 8, ["experiment.seed=1", "method.gan.enabled=false"],
+                        "sdxl_senseflow")
+    assert not finished_run(run, cmd)                                    # nothing there
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(resolved_yaml(load_config(config, cmd[6:])))
+    (run / "checkpoints" / "latest").write_text("iter_000004")
+    assert not finished_run(run, cmd)                                    # killed half-way
+    (run / "checkpoints" / "latest").write_text("iter_000008")
+    assert finished_run(run, cmd)
+    other_seed = train_command(config, run, tmp_path / "teacher", assets, 8, ["experiment.seed=0"], "sdxl_senseflow")
+    assert not finished_run(run, other_seed)
+    assert not finished_run(run, [*cmd[:-1], "method.gan.enabled=true"])  # another override value
+    assert not finished_run(run, train_command(config, run, tmp_path / "teacher", assets, 16, cmd[-2:],
+                                               "sdxl_senseflow"))
 
 
 # ---- the CI run -------------------------------------------------------------------------------------------------
@@ -151,6 +194,9 @@ def test_shapes_benchmark_runs_the_shapes_configs_and_writes_table_plot_and_grid
     assert meta["runs"]["DMD2"]["command"][1].endswith("exp_sdxl/train_sdxl_dmd2.sh")   # each method's own trainer
     assert meta["runs"]["SenseFlow"]["command"][1].endswith("exp_sdxl/train_sdxl_senseflow.sh")
     assert (out / "work" / "senseflow" / "metrics.jsonl").is_file()      # the trainers really ran
+    from senseflow.benchmark.runner import finished_run
+
+    assert finished_run(out / "work" / "senseflow", meta["runs"]["SenseFlow"]["command"])   # a 2nd call reuses it
     from safetensors.torch import load_file
 
     teacher_unet = load_file(str(tiny_shapes_teacher / "unet" / "diffusion_pytorch_model.safetensors"))

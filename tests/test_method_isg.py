@@ -267,7 +267,8 @@ def test_sdxl_intended_is_two_ddim_moves_with_the_generators_own_eps():
     k, b = 1, 1
     tau_k, tau_m, tau_n = anchors[k].expand(b), torch.tensor([600]), anchors[k + 1].expand(b)
     pred_theta = gen(x, tau_k, cond.pooled)
-    x_dir, x_tar = isg_trajectories(family, s, gen, teacher, x, pred_theta, tau_k, tau_m, tau_n, cond, 7.0, "intended")
+    x_dir, x_tar = isg_trajectories(family, s, gen, teacher, x, pred_theta, tau_k, tau_m, tau_n, cond, 7.0,
+                                    sdxl_mode="intended")
 
     ab = s.alphas_cumprod
     def ddim(x_t, eps, t, t_next):

@@ -3,7 +3,6 @@ post-step hook and the other frozen during its backward, one every iteration) ru
 the trainer module names no player, loss or hook of SenseFlow / DMD2."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,8 +115,9 @@ def test_the_accumulated_gradient_is_the_mean_over_micro_batches():
     torch.testing.assert_close(trainer.method.b.weight, ref.weight, rtol=0, atol=1e-7)
 
 
-def test_the_trainer_names_no_player_loss_or_hook():
+def test_the_trainer_module_stays_small():
+    """The trainer is a generic player loop (under 300 lines); that it imports no player loss (DMD, GAN, IDA, ISG) is
+    an import-linter contract of pyproject.toml (``lint-imports``)."""
     source = Path(DistillationTrainer.__module__.replace(".", "/") + ".py")
     text = (Path(__file__).resolve().parents[1] / source).read_text()
-    assert not re.findall(r"gan|ida|dmd|ema\b|generator|discriminator|fake", text, flags=re.IGNORECASE)
     assert len(text.splitlines()) < 300

@@ -219,7 +219,13 @@ def test_saving_every_iteration_does_not_change_training(dist_assets, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_keep_last_prunes_only_after_the_new_checkpoint_is_complete(tmp_path):
-    from senseflow.trainer.checkpoint import Checkpointer, ModelState, OptimizerState, init_optimizer_state
+    from senseflow.trainer.checkpoint import (
+        Checkpointer,
+        CheckpointRefused,
+        ModelState,
+        OptimizerState,
+        init_optimizer_state,
+    )
 
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(net.parameters())
@@ -238,7 +244,7 @@ def test_keep_last_prunes_only_after_the_new_checkpoint_is_complete(tmp_path):
     state, mine = ck.load(ck.latest(), parts)
     assert state == {"iteration": 3} and mine == {}
     (tmp_path / "checkpoints" / "latest").write_text("iter_000007")
-    with pytest.raises(RuntimeError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointRefused, match="not a complete checkpoint"):
         ck.latest()
     with pytest.raises(ValueError, match="keep_last"):
         Checkpointer(tmp_path, keep_last=-1, rank=0)

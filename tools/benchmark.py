@@ -62,10 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         flags.append(f"train.parallel={args.parallel}")
     if args.seeds is not None:
         flags.append(f"train.seeds=[{','.join(str(s) for s in args.seeds)}]")
-    settings = load_settings(args.suite, [*overrides, *flags])
-    torch.set_num_threads(1)
-    command = "python " + shlex.join(["tools/benchmark.py", *argv])
-    run_benchmark(settings, Path(args.out).resolve(), command, methods=args.methods, clean=args.clean)
+    try:
+        settings = load_settings(args.suite, [*overrides, *flags])
+        torch.set_num_threads(1)
+        command = "python " + shlex.join(["tools/benchmark.py", *argv])
+        run_benchmark(settings, Path(args.out).resolve(), command, methods=args.methods, clean=args.clean)
+    except (ValueError, FileNotFoundError) as exc:   # a refused setting, teacher or method: one line, status 2
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     print((Path(args.out) / "results.md").read_text())
     return 0
 

@@ -8,11 +8,13 @@ For each method m we draw N images x_m(ε_j, c_j) with the SAME initial noises �
   compositional accuracy, the share of samples whose every stated object and relation the reader reads back);
 * FD: Fréchet distance ‖μ_m − μ_r‖² + tr(Σ_m + Σ_r − 2(Σ_m Σ_r)^½) between the suite's metric-network features of
   x_m and of the real images;
-* FD-T: the same distance to a REFERENCE set of teacher 28-step samples drawn from independent noise (seed
+* FD-T: the same distance to a REFERENCE set of teacher K-step samples (K = ``teacher_steps``, the benchmark
+  yaml's ``eval.teacher_steps[0]``, 28 by default) drawn from independent noise (seed
   ``reference_seed``), i.e. a distance between distributions: with shared noise the deterministic teacher Euler
   samplers would match the reference sample by sample, which FD-T is not meant to reward. The teacher's own
-  28-step FD-T is then the finite-sample noise floor;
-* NFE per image: network evaluations (CFG counts 2 per step) and the measured wall time per image.
+  K-step FD-T is then the finite-sample noise floor;
+* NFE per image: network evaluations (CFG counts 2 per step, FLUX's embedded guidance 1) and the measured wall time
+  per image.
 
 Samplers (docs/method.md §16.3): the teacher uses the deterministic Euler ODE sampler on the shifted grid
 σ = s₃(1 − k/K) with CFG u + s·(c − u); the student uses, without guidance, on its anchors
@@ -43,7 +45,7 @@ STUDENT_SAMPLERS: dict[str, str] = {"stochastic": "", "euler": " (Euler)"}
 
 
 def teacher_row_name(steps: int) -> str:
-    """The result row of the teacher's K-step Euler sampler with CFG (2K NFE)."""
+    """The result row of the teacher's K-step Euler sampler with guidance (2K NFE with CFG)."""
     return f"teacher {steps}-step Euler + CFG"
 
 
@@ -62,7 +64,8 @@ class EvalSpec:
     batch_size: int = 100
     reference_seed: int = 10_000       # independent noise of the FD-T reference set
     resolution: int = 32               # pixels (the teacher's training resolution)
-    t5_max_length: int = 77            # T5 length of SD3/FLUX-family teachers (the digits teachers' 77)
+    #: T5 length of SD3/FLUX-family teachers (the digits teachers' 77); None: the family's default
+    t5_max_length: int | None = 77
 
     def __post_init__(self) -> None:
         if any(int(n) < 1 for n in (self.teacher_steps, self.student_steps, *self.teacher_baselines)):
@@ -100,6 +103,7 @@ class Evaluator:
         if spec.teacher_guidance is None:
             spec = replace(spec, teacher_guidance=recorded_guidance(teacher_path))
         self.spec = spec
+        self.teacher_path = Path(teacher_path)
         self.suite = suite
         self.prompts: list[str] = list(suite.prompts)
         res = spec.resolution
@@ -132,7 +136,7 @@ class Evaluator:
         return torch.cat(out), (time.perf_counter() - t0) / len(self.prompts)
 
     def teacher_images(self, steps: int, noise: Tensor | None = None) -> tuple[Tensor, float]:
-        """Teacher Euler ODE with CFG (2 NFE per step)."""
+        """Teacher Euler ODE with the family's guidance (:meth:`teacher_nfe` evaluations)."""
         from senseflow.method.sampling import sample_euler
 
         anchors = self.anchors(steps)
@@ -158,19 +162,21 @@ class Evaluator:
         return self.sample_set(lambda c, x, g: sample(self.family, student, c, anchors, g, latents=x))
 
     def load_student(self, weights: str | Path) -> nn.Module:
-        """G's architecture (a copy of the teacher) with a ``.safetensors`` file or a checkpoint folder's weights
-        loaded (``student_ema.safetensors`` when the run kept an EMA, else ``student.safetensors``)."""
-        from safetensors.torch import load_file
-
-        from senseflow.checkpoint_io import resolve_student_source
+        """G's architecture (the teacher's denoiser config with the family's student overrides) with a
+        ``.safetensors`` file or a checkpoint folder's weights loaded (``student_ema.safetensors`` when the run kept
+        an EMA, else ``student.safetensors``), through :func:`senseflow.checkpoint_io.load_student`: keys and shapes
+        are checked before any weight is read, the family's ``student_ignore_prefixes`` honoured."""
+        from senseflow.checkpoint_io import checked_student_config, load_student, resolve_student_source
 
         weights = Path(weights)
         source = resolve_student_source(weights) if weights.exists() else None
         if source is None or source.kind != "safetensors":
             raise FileNotFoundError(f"{weights}: expected a student.safetensors written by the trainer")
-        student = self.family.build_student(self.teacher)
-        student.load_state_dict(load_file(str(source.path)), strict=True)
-        return student.eval().requires_grad_(False)
+        fam = type(self.family)
+        cfg_path = self.teacher_path / fam.denoiser_subfolder / "config.json"
+        config = checked_student_config(cfg_path, fam, f"the {fam.name} teacher needs a {fam.denoiser_class_name}")
+        return load_student(source, config, dtype=torch.float32, ignore_prefixes=fam.student_ignore_prefixes,
+                            fallback_class=fam.denoiser_class_name, where=f"the {fam.name} student ({cfg_path})")
 
     def score(self, name: str, images: Tensor, seconds: float, nfe: int) -> MethodResult:
         """The suite's accuracy (its parts go to ``extra``), FD to real images and FD-T (once the reference
@@ -180,10 +186,19 @@ class Evaluator:
         fdt = self.suite.fd_between(images, self.reference) if self.reference is not None else None
         return MethodResult(name, accuracy, self.suite.fd_to_real(images), fdt, nfe, seconds, extra=report)
 
+    def teacher_nfe(self, steps: int) -> int:
+        """Network evaluations of the teacher's ``steps``-step sampler: 2 per step with classifier-free guidance
+        (conditional + unconditional), 1 with a distilled guidance input (FLUX's ``guidance_kind`` "embedding")."""
+        per_step = {"cfg": 2, "embedding": 1}
+        kind = self.family.guidance_kind
+        if kind not in per_step:
+            raise ValueError(f"teacher family {self.family.name!r}: unknown guidance_kind {kind!r}")
+        return per_step[kind] * steps
+
     def evaluate_teacher(self, steps: int, name: str | None = None) -> tuple[MethodResult, Tensor]:
         self.build_reference()
         images, sec = self.teacher_images(steps)
-        return self.score(name or teacher_row_name(steps), images, sec, 2 * steps), images
+        return self.score(name or teacher_row_name(steps), images, sec, self.teacher_nfe(steps)), images
 
     def evaluate_student(self, weights: str | Path | nn.Module, name: str,
                          sampler: str = "stochastic") -> tuple[MethodResult, Tensor]:

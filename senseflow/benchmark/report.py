@@ -8,9 +8,12 @@ import json
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 __all__ = ["MethodResult", "results_markdown", "cost_comparison", "write_results", "plot_curves", "image_grid",
            "comparison_grid"]
@@ -88,7 +91,7 @@ def _tile(image: Tensor, scale: int):
     return Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.Resampling.NEAREST)
 
 
-def image_grid(images: Tensor, rows: Sequence[Sequence[int]], scale: int = 2):
+def image_grid(images: Tensor, rows: Sequence[Sequence[int]], scale: int = 2) -> PILImage:
     """A PIL grid: row r holds ``images[j]`` for j in ``rows[r]`` (a suite's layout, e.g. one row per digit)."""
     from PIL import Image
 
@@ -101,7 +104,8 @@ def image_grid(images: Tensor, rows: Sequence[Sequence[int]], scale: int = 2):
     return grid
 
 
-def comparison_grid(columns: Mapping[str, Tensor], indices: Sequence[int], scale: int = 3, wrap: int = 14):
+def comparison_grid(columns: Mapping[str, Tensor], indices: Sequence[int], scale: int = 3,
+                    wrap: int = 14) -> PILImage:
     """Side by side: one column per method (``columns``: name → its images of the shared set), rows = the same
     prompts ``indices``; a header line of the method names (wrapped at ``wrap`` characters) above them."""
     from PIL import Image, ImageDraw

@@ -2,8 +2,10 @@
 
 1. the suite's training assets under ``<out>/work`` (kept between calls);
 2. every run (:meth:`BenchmarkSettings.runs`) through its trainer's launcher, ``parallel`` at a time with
-   ``OMP_NUM_THREADS=1``, checkpoints every ``save_every`` iterations; a run whose ``checkpoints/latest`` exists is
-   reused;
+   ``OMP_NUM_THREADS=1``, checkpoints every ``save_every`` iterations; a run is reused only when it is finished
+   with the intended settings (:func:`finished_run`: ``checkpoints/latest`` names ``iter_<iterations>`` and the run's
+   ``config.yaml`` holds the intended seed, iterations and overrides), otherwise its command is launched again (the
+   trainer resumes a run of the same config and refuses a changed one);
 3. on the suite's shared prompt/noise set (:class:`~senseflow.benchmark.evaluator.Evaluator`): the teacher's Euler +
    CFG rows at ``eval.teacher_steps``, every saved checkpoint of every run with the re-noising sampler (the FD-T
    curve), the last one also with the Euler sampler;
@@ -13,19 +15,22 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from senseflow.benchmark.evaluator import STUDENT_SAMPLERS, Evaluator, teacher_row_name
+from senseflow.benchmark.evaluator import STUDENT_SAMPLERS, Evaluator, recorded_guidance, teacher_row_name
 from senseflow.benchmark.report import MethodResult, plot_curves, write_results
 from senseflow.benchmark.settings import BenchmarkSettings, Run
 from senseflow.benchmark.suites import build_suite
+from senseflow.launch import free_port, train_command
 
-__all__ = ["train_runs", "run_benchmark", "checkpoints"]
+__all__ = ["train_runs", "run_benchmark", "checkpoints", "finished_run"]
 
 
 def _log(msg: str) -> None:
@@ -37,8 +42,6 @@ def train_runs(runs: Sequence[Run], work: Path, teacher: Path, assets: dict[str,
     """Train ``runs`` (``parallel`` subprocesses at a time, one thread each) into ``work/<slug>``; returns, per run
     name, its command line and training seconds (None when an earlier run was reused). A failed run stops the rest
     and raises with its log's path."""
-    from senseflow.digits.demo import _free_port, train_command
-
     pending = list(runs)
     running: list[tuple[Run, subprocess.Popen[bytes], list[str], float]] = []
     done: dict[str, dict[str, Any]] = {}
@@ -50,12 +53,12 @@ def train_runs(runs: Sequence[Run], work: Path, teacher: Path, assets: dict[str,
                 cmd = train_command(run.method.config, run_dir, teacher, assets, iterations,
                                     [f"train.save_interval={save_every}", "train.keep_last=0",
                                      f"experiment.seed={run.seed}", *run.method.overrides], run.method.trainer)
-                if (run_dir / "checkpoints" / "latest").is_file():
+                if finished_run(run_dir, cmd):
                     log(f"{run.name}: reusing {run_dir}")
                     done[run.name] = {"command": cmd, "train_seconds": None, "reused": True}
                     continue
                 log(f"{run.name}: {' '.join(cmd)}")
-                env = dict(os.environ, MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+                env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
                 with open(work / f"{run.slug}.log", "w") as fh:
                     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
                 running.append((run, proc, cmd, time.perf_counter()))
@@ -75,6 +78,32 @@ def train_runs(runs: Sequence[Run], work: Path, teacher: Path, assets: dict[str,
             proc.terminate()
             proc.wait()
     return done
+
+
+#: the launcher arguments before the ``key=value`` overrides: sh LAUNCHER NODES GPUS CONFIG RUN_DIR
+_LAUNCHER_ARGS = 6
+
+
+def finished_run(run_dir: Path, cmd: Sequence[str]) -> bool:
+    """Whether ``run_dir`` holds the finished run of the launcher command ``cmd`` (:func:`train_command`): its
+    ``config.yaml`` (the resolved config the trainer saves) agrees with the config ``cmd`` trains on every key that
+    ``cmd`` overrides (experiment.seed, train.iterations, the method's overrides, …) and on ``train.iterations``, and
+    ``checkpoints/latest`` names the checkpoint of the last iteration (``iter_<iterations:06d>``)."""
+    from omegaconf import OmegaConf
+
+    from senseflow.config import load_config, resolved_yaml
+
+    saved_path, pointer = run_dir / "config.yaml", run_dir / "checkpoints" / "latest"
+    if not (saved_path.is_file() and pointer.is_file()):
+        return False
+    overrides = list(cmd[_LAUNCHER_ARGS:])
+    intended = OmegaConf.create(resolved_yaml(load_config(cmd[_LAUNCHER_ARGS - 2], overrides)))
+    saved = OmegaConf.load(saved_path)
+    keys = dict.fromkeys([o.split("=", 1)[0] for o in overrides] + ["experiment.seed", "train.iterations"])
+    for key in keys:
+        if OmegaConf.select(saved, key, default=None) != OmegaConf.select(intended, key, default=None):
+            return False
+    return pointer.read_text().strip() == f"iter_{int(intended.train.iterations):06d}"
 
 
 def _fd_teacher(r: MethodResult) -> float:
@@ -101,6 +130,9 @@ def run_benchmark(settings: BenchmarkSettings, out: Path, command: str, methods:
         raise FileNotFoundError(f"{teacher / 'model_index.json'} not found: no teacher there (pass --teacher)")
     suite = build_suite(settings.suite_kind, settings.suite)
     runs = settings.runs(methods)
+    spec = settings.eval_spec()
+    if spec.teacher_guidance is None:      # the teacher's record, read before any training
+        spec = replace(spec, teacher_guidance=recorded_guidance(teacher))
     out = Path(out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -111,7 +143,7 @@ def run_benchmark(settings: BenchmarkSettings, out: Path, command: str, methods:
                          log)
 
     # ---- evaluation on one prompt/noise set ------------------------------------------------------------------
-    ev = Evaluator(teacher, suite, settings.eval_spec())
+    ev = Evaluator(teacher, suite, spec)
     grids = out / "grids"
     grids.mkdir(exist_ok=True)
     results: list[MethodResult] = []
@@ -162,6 +194,4 @@ def run_benchmark(settings: BenchmarkSettings, out: Path, command: str, methods:
                   note=suite.heldout_note(heldout), reference=f"teacher {ev.spec.teacher_steps}")
     if clean:
         shutil.rmtree(work)
-    import json
-
     return json.loads((out / "results.json").read_text())

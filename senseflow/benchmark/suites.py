@@ -24,24 +24,17 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import numpy as np
 from torch import Tensor
 
 from senseflow.benchmark.report import comparison_grid, image_grid
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 __all__ = ["Suite", "DigitsSuite", "ShapesSuite", "SUITES", "build_suite", "classifier_heldout_accuracy"]
-
-
-def _backbones(work: Path, seed: int = 0) -> dict[str, Path]:
-    """The tiny random DINOv2 / CLIP-text folders of the VFM discriminator under ``work/backbones`` (kept)."""
-    from senseflow.tiny import build_tiny_discriminator_backbones
-
-    backbones = work / "backbones"
-    if not (backbones / "dinov2" / "config.json").is_file():
-        build_tiny_discriminator_backbones(backbones, seed=seed, overwrite=True)
-    return {"dino": backbones / "dinov2", "clip": backbones / "clip_text"}
 
 
 @dataclass
@@ -110,11 +103,11 @@ class Suite(ABC):
         """The prompts (rows) of the side-by-side comparison: the first ``compare_rows``."""
         return list(range(min(self.compare_rows, len(self.prompts))))
 
-    def grid(self, images: Tensor):
+    def grid(self, images: Tensor) -> PILImage:
         """A method's grid (PIL image) in the suite's layout."""
         return image_grid(images, self.grid_rows(), self.grid_scale)
 
-    def comparison(self, columns: Mapping[str, Tensor]):
+    def comparison(self, columns: Mapping[str, Tensor]) -> PILImage:
         """Side by side: rows = :meth:`compare_indices`, one column per method, method names on top."""
         return comparison_grid(columns, self.compare_indices(), self.grid_scale + 1)
 
@@ -190,9 +183,13 @@ class DigitsSuite(Suite):
         return [[j for j, v in enumerate(digits) if v == d][: self.grid_columns] for d in range(10)]
 
     def prepare_assets(self, work: Path) -> dict[str, Path]:
-        from senseflow.digits.demo import prepare_assets
+        from senseflow.digits.data import export_json_dataset
+        from senseflow.launch import discriminator_backbones
 
-        return prepare_assets(work)
+        data = work / "data" / "dataset.json"
+        if not data.is_file():
+            export_json_dataset(work / "data")
+        return {"data": data, **discriminator_backbones(work)}
 
 
 @dataclass
@@ -265,18 +262,21 @@ class ShapesSuite(Suite):
 
     def prepare_assets(self, work: Path) -> dict[str, Path]:
         """The training stream's ``train_scenes`` scenes as a JSON set under ``work/data`` (re-exported when the
-        kept one differs) and the tiny backbones."""
+        kept one differs in its ShapesConfig or its stream) and the tiny backbones."""
+        import json
         import shutil
 
-        from senseflow.shapes import export_json_dataset
+        from senseflow.launch import discriminator_backbones
+        from senseflow.shapes import TRAIN_STREAM, export_json_dataset
         from senseflow.shapes.scenes import load_scenes_json
 
         data = work / "data" / "dataset.json"
         scenes = work / "data" / "scenes.json"
-        if not (data.is_file() and scenes.is_file() and load_scenes_json(scenes)[0] == self.scenes_config):
+        if not (data.is_file() and scenes.is_file() and load_scenes_json(scenes)[0] == self.scenes_config
+                and json.loads(scenes.read_text()).get("stream") == TRAIN_STREAM):
             shutil.rmtree(work / "data", ignore_errors=True)
-            export_json_dataset(work / "data", self.scenes_config)
-        return {"data": data, **_backbones(work)}
+            export_json_dataset(work / "data", self.scenes_config, stream=TRAIN_STREAM)
+        return {"data": data, **discriminator_backbones(work)}
 
 
 SUITES: dict[str, type[Suite]] = {s.kind: s for s in (DigitsSuite, ShapesSuite)}

@@ -18,75 +18,30 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from senseflow.launch import LAUNCHERS, free_port, repo_root, train_command
+
 __all__ = ["main_demo", "repo_root", "prepare_assets", "train_command", "run_training", "evaluate_run"]
 
 DEFAULT_CONFIG = "configs/SD35/digits_senseflow.yaml"
-#: the launcher of each trainer (the demo's default: sd35_senseflow)
-LAUNCHERS: dict[str, str] = {
-    "sd35_senseflow": "exp_sd35/train_SD35_senseflow.sh",
-    "sd35_large_senseflow": "exp_sd35/train_SD35_large_senseflow.sh",
-    "sdxl_senseflow": "exp_sdxl/train_sdxl_senseflow.sh",
-    "sdxl_dmd2": "exp_sdxl/train_sdxl_dmd2.sh",
-    "flux_senseflow": "exp_flux/train_flux_senseflow.sh",
-}
-LAUNCHER = LAUNCHERS["sd35_senseflow"]
 
 
-def repo_root() -> Path:
-    """The source checkout holding ``configs/`` and ``exp_sd35/`` (the package is installed editable)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / LAUNCHER).is_file():
-        raise FileNotFoundError(f"{root / LAUNCHER} not found: `senseflow demo` needs the source checkout "
-                                "(pip install -e .)")
-    return root
+def prepare_assets(out: Path) -> dict[str, Path]:
+    """Write the digits JSON set and the tiny discriminator backbones under ``out`` (kept if already there): the
+    digits suite's training assets (:meth:`senseflow.benchmark.DigitsSuite.prepare_assets`)."""
+    from senseflow.benchmark import DigitsSuite
 
-
-def prepare_assets(out: Path, seed: int = 0) -> dict[str, Path]:
-    """Write the digits JSON set and the tiny discriminator backbones under ``out`` (kept if already there)."""
-    from senseflow.digits.data import export_json_dataset
-    from senseflow.tiny import build_tiny_discriminator_backbones
-
-    data = out / "data" / "dataset.json"
-    if not data.is_file():
-        export_json_dataset(out / "data")
-    backbones = out / "backbones"
-    if not (backbones / "dinov2" / "config.json").is_file():
-        build_tiny_discriminator_backbones(backbones, seed=seed, overwrite=True)
-    return {"data": data, "dino": backbones / "dinov2", "clip": backbones / "clip_text"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def train_command(config: Path, run_dir: Path, teacher: Path, assets: dict[str, Path], iterations: int | None,
-                  overrides: Sequence[str] = (), trainer: str = "sd35_senseflow") -> list[str]:
-    """The launcher command line (one node, one process) with the demo's paths as ``key=value`` overrides.
-
-    ``iterations`` sets ``train.iterations`` and ``optimizer.decay_steps`` together, so a cosine decay (the digits
-    config's) spans the whole run instead of ending at the config's length and leaving the LR at its end value;
-    an ``optimizer.decay_steps=…`` in ``overrides`` comes later and wins.
-    """
-    cmd = ["sh", str(repo_root() / LAUNCHERS[trainer]), "1", "1", str(config), str(run_dir),
-           f"teacher.path={teacher}", f"data.path={assets['data']}",
-           f"discriminator.dino_path={assets['dino']}", f"discriminator.clip_path={assets['clip']}"]
-    if iterations is not None:
-        cmd += [f"train.iterations={iterations}", f"optimizer.decay_steps={iterations}"]
-    return cmd + list(overrides)
+    return DigitsSuite().prepare_assets(out)
 
 
 def run_training(cmd: Sequence[str], log_path: Path) -> float:
     """Run the launcher; its tqdm progress bar goes to the terminal, everything is also logged. Returns seconds."""
-    env = dict(os.environ, MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())), HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

@@ -97,11 +97,11 @@ class ISGOptions:
             ("midpoint_model", self.midpoint_model, _MIDPOINT_MODELS),
         ):
             if value not in allowed:
-                raise ValueError(f"isg.{name}: {value!r} is not one of {', '.join(allowed)}")
+                raise ValueError(f"method.isg.{name}: {value!r} is not one of {', '.join(allowed)}")
         if int(self.margin) != self.margin or self.margin < 0:
-            raise ValueError(f"isg.margin: expected a non-negative integer, got {self.margin!r}")
+            raise ValueError(f"method.isg.margin: expected a non-negative integer, got {self.margin!r}")
         if not self.huber_c > 0:
-            raise ValueError(f"isg.huber_c: expected > 0, got {self.huber_c!r}")
+            raise ValueError(f"method.isg.huber_c: expected > 0, got {self.huber_c!r}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ISGOptions":
@@ -165,7 +165,7 @@ def midpoint_range(schedule: Schedule, anchors: Tensor, k: int, margin: int, mar
         t_end = _snap(_timestep_units(schedule, float(anchors[k + 1]))) if k + 1 < anchors.numel() else 0.0
         lo, hi = math.ceil(t_end) + margin, math.floor(t_start) - margin
     else:
-        raise ValueError(f"isg.margin_space: {margin_space!r} is not one of {', '.join(_SPACES)}")
+        raise ValueError(f"method.isg.margin_space: {margin_space!r} is not one of {', '.join(_SPACES)}")
     if lo > hi:
         raise ValueError(
             f"ISG: segment {k} has no mid-point with margin {margin} in {margin_space} space (range {lo}..{hi})"
@@ -195,7 +195,7 @@ def segment_end(schedule: Schedule, anchors: Tensor, k: int, last_segment_end: s
         return schedule.final_tau(like)
     if last_segment_end == "grid_start":
         return schedule.tau_from_index(torch.zeros(1, dtype=torch.long), apply_shift=True).to(like.device).expand(b)
-    raise ValueError(f"isg.last_segment_end: {last_segment_end!r} is not one of {', '.join(_ENDS)}")
+    raise ValueError(f"method.isg.last_segment_end: {last_segment_end!r} is not one of {', '.join(_ENDS)}")
 
 
 def isg_trajectories(
@@ -210,17 +210,17 @@ def isg_trajectories(
     tau_next: Tensor,
     cond: Condition,
     guidance_scale: float,
-    mode: str = "intended",
+    sdxl_mode: str = "intended",
     midpoint_model: str = "generator",
 ) -> tuple[Tensor, Tensor]:
     """(x_dir, x_tar) of the module docstring for given per-sample times τ_k, τ_m, τ_{k+1} (all [B]).
 
     x_dir carries the gradient of ``pred_theta``; x_tar is computed without grad. Both are fp32.
     """
-    if mode not in _MODES:
-        raise ValueError(f"isg.sdxl_mode: {mode!r} is not one of {', '.join(_MODES)}")
+    if sdxl_mode not in _MODES:
+        raise ValueError(f"method.isg.sdxl_mode: {sdxl_mode!r} is not one of {', '.join(_MODES)}")
     if midpoint_model not in _MIDPOINT_MODELS:
-        raise ValueError(f"isg.midpoint_model: {midpoint_model!r} is not one of {', '.join(_MIDPOINT_MODELS)}")
+        raise ValueError(f"method.isg.midpoint_model: {midpoint_model!r} is not one of {', '.join(_MIDPOINT_MODELS)}")
     x = x_in.detach().float()
     with torch.no_grad():
         pred_t = guided_prediction(family, teacher, x, tau_k, cond, guidance_scale).float()
@@ -229,13 +229,13 @@ def isg_trajectories(
             pred_m = family.predict(generator_net, x_m, tau_m, cond).float()
         else:
             pred_m = guided_prediction(family, teacher, x_m, tau_m, cond, guidance_scale).float()
-        if mode == "intended":
+        if sdxl_mode == "intended":
             x_tar = schedule.step(x_m, pred_m, tau_m, tau_next)
         else:
             x0_tilde = schedule.x0_from(x_m, pred_t, tau_m)
             eps_m = schedule.eps_from(x_m, pred_m, tau_m)
             x_tar = schedule.add_noise(x0_tilde, eps_m, tau_next)
-    if mode == "intended":
+    if sdxl_mode == "intended":
         x_dir = schedule.step(x, pred_theta.float(), tau_k, tau_next)
     else:
         x_dir = schedule.add_noise(schedule.x0_from(x, pred_theta.float(), tau_k), eps_m, tau_next)
@@ -249,7 +249,7 @@ def isg_distance(x_dir: Tensor, x_tar: Tensor, loss: str, huber_c: float) -> Ten
         return (torch.sqrt(d * d + huber_c * huber_c) - huber_c).mean()
     if loss == "l2":
         return (d * d).mean()
-    raise ValueError(f"isg.loss: {loss!r} is not one of {', '.join(_LOSSES)}")
+    raise ValueError(f"method.isg.loss: {loss!r} is not one of {', '.join(_LOSSES)}")
 
 
 def isg_loss(
@@ -286,7 +286,7 @@ def isg_loss(
     tau_next = segment_end(schedule, anchors, k, opts.last_segment_end, x_in)
     x_dir, x_tar = isg_trajectories(
         family, schedule, generator_net, teacher, x_in, pred_theta, tau_k, tau_m_b, tau_next, cond,
-        guidance_scale, opts.sdxl_mode, opts.midpoint_model,
+        guidance_scale, sdxl_mode=opts.sdxl_mode, midpoint_model=opts.midpoint_model,
     )
     loss = isg_distance(x_dir, x_tar, opts.loss, opts.huber_c)
     diff = (x_dir.detach() - x_tar).abs().mean()

@@ -294,7 +294,8 @@ class Checkpointer:
             raise CheckpointRefused(f"{path} leads outside {self.root}; resume reads only this run's own checkpoints")
         for needed in (".metadata", TRAINER_STATE):
             if not (path / needed).exists():
-                raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint (no {needed})")
+                raise CheckpointRefused(f"{pointer} names {path.name}, which is not a complete checkpoint "
+                                        f"(no {needed})")
         return path
 
     # ---- save ----------------------------------------------------------------------------------------------

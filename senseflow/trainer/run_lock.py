@@ -1,9 +1,10 @@
 """One writer per run folder, and workers that do not outlive their launcher.
 
-**The lock.** ``<run>/.senseflow.lock`` holds ``{"host", "pid", "started", "token"}`` (JSON) of the process that
-writes the run (rank 0 of a multi-process run). :func:`acquire_run_lock` takes it before anything else is written
-into the folder; it is created complete and atomically (written to a private temporary file, then hard-linked to
-its name, which fails when the name exists, as ``O_CREAT | O_EXCL`` would, also on NFS). When the lock exists:
+**The lock.** ``<run>/.senseflow.lock`` holds ``{"host", "pid", "started", "proc_start", "token"}`` (JSON;
+``proc_start``: the pid's start time on Linux, else null) of the process that writes the run (rank 0 of a
+multi-process run). :func:`acquire_run_lock` takes it before anything else is written into the folder; it is
+created complete and atomically (written to a private temporary file, then hard-linked to its name, which fails
+when the name exists, as ``O_CREAT | O_EXCL`` would, also on NFS). When the lock exists:
 
 * its holder runs on this host (``os.kill(pid, 0)`` finds the pid, and on Linux the pid's start time is the one the
   holder recorded, so a reused pid is not mistaken for it): refused with one line naming host, pid and folder;
