@@ -37,7 +37,7 @@ Mid-points (``margin`` m, ``margin_space``):
 ``midpoint_model``: ``generator`` (default, the paper and the reference) takes the move τ_m → τ_{k+1} with the
 current generator, p_m = G(x_m, τ_m); ``teacher`` takes it with the guided teacher, p_m = T_guided(x_m, τ_m, c, s),
 so the target is a two-step teacher trajectory. The latter is **not** the paper's ISG: it is an ablation of the
-mid-point model (docs/benchmarks.md, "Where the gap is"). Why it matters: for ``l2`` and flow the minimiser of L_ISG in
+mid-point model (docs/benchmarks.md, digits). Why it matters: for ``l2`` and flow the minimiser of L_ISG in
 G's velocity is v_θ = a·v_T + (1 − a)·v_m with a = (σ_k − σ_m)/(σ_k − σ_{k+1}), and no loss trains G at σ_m itself.
 """
 from __future__ import annotations
