@@ -21,6 +21,7 @@ from senseflow.shapes.reader import (
     default_reader_path,
     fd_between,
     load_reader,
+    object_errors,
     reader_metadata,
     save_reader,
     train_reader,
@@ -237,6 +238,24 @@ def test_relations_are_checked_with_a_tolerance_on_the_read_centres():
     assert compositional_accuracy(images, [stated], reader_at(0.5), tolerance=1.0) == 0.0
     assert compositional_accuracy(images, [stated], reader_at(-3.0), tolerance=1.0) == 0.0
 
+
+
+def test_objects_not_read_are_split_into_wrong_colour_wrong_shape_and_missing():
+    pairs = (("red", "circle"), ("blue", "circle"), ("red", "square"), ("green", "triangle"), ("blue", "square"))
+    stated = ParsedCaption([("red", "circle"), ("green", "triangle"), ("blue", "square")], [])
+    # image 0 reads a blue circle for the red one (wrong colour), nothing for the green triangle (missing) and the
+    # blue square; image 1 reads a red square where the red circle should be (wrong shape) and everything else
+    presence = torch.tensor([[0.0, 0.9, 0.0, 0.1, 0.8],
+                             [0.2, 0.0, 0.7, 0.6, 0.9]])
+    reader = type("R", (), {"read": lambda self, images: Readout(presence, torch.zeros(2, 5, 2), pairs)})()
+    report = compositional_report(torch.zeros(2, 3, 32, 32), [stated, stated], reader)
+    assert report["object_accuracy"] == pytest.approx(3 / 6)
+    assert report["object_wrong_colour"] == pytest.approx(1 / 6)
+    assert report["object_wrong_shape"] == pytest.approx(1 / 6)
+    assert report["object_missing"] == pytest.approx(1 / 6)
+    # a colour read on a shape the caption states in that colour elsewhere is not an error of this object
+    stated_both = ParsedCaption([("red", "circle"), ("blue", "circle")], [])
+    assert object_errors(Readout(presence[:1], torch.zeros(1, 5, 2), pairs), 0, stated_both) == (0, 0, 1)
 
 # ---- the reader -------------------------------------------------------------------------------------------------
 _SMALL = dict(channels=(8, 16, 32), head_dim=32, num_train_scenes=2500, epochs=8, batch_size=64, lr=4e-3)

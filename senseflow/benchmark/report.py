@@ -15,8 +15,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-__all__ = ["MethodResult", "results_markdown", "cost_comparison", "write_results", "plot_curves", "image_grid",
-           "comparison_grid"]
+__all__ = ["MethodResult", "results_markdown", "cost_comparison", "seed_spread", "write_results", "plot_curves",
+           "image_grid", "comparison_grid"]
 
 
 @dataclass
@@ -34,20 +34,56 @@ class MethodResult:
     extra: dict = field(default_factory=dict)
 
 
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
 def results_markdown(results: Sequence[MethodResult], accuracy_name: str = "prompt accuracy",
-                     note: str | None = None, reference: str = "teacher 28") -> str:
-    """A markdown table of the results (accuracy in %, FD, FD-T to ``reference``, NFE, ms per image), ``note``
-    below it."""
-    lines = [f"| method | {accuracy_name} | FD (real) | FD-T ({reference}) | NFE/image | ms/image |",
-             "|---|---:|---:|---:|---:|---:|"]
+                     note: str | None = None, reference: str = "teacher 28",
+                     parts: Sequence[tuple[str, str]] = ()) -> str:
+    """A markdown table of the results (accuracy in %, the accuracy's ``parts`` — (column, ``extra`` key) pairs of
+    shares, in % —, FD, FD-T to ``reference``, NFE, ms per image), the comparison at equal cost, the spread over
+    training seeds, and ``note`` below it."""
+    part_heads = "".join(f" {label} |" for label, _ in parts)
+    lines = [f"| method | {accuracy_name} |{part_heads} FD (real) | FD-T ({reference}) | NFE/image | ms/image |",
+             "|---|---:|" + "---:|" * len(parts) + "---:|---:|---:|---:|"]
     for r in results:
         fdt = "—" if r.fd_teacher is None else f"{r.fd_teacher:.1f}"
-        lines.append(f"| {r.name} | {100 * r.accuracy:.1f}% | {r.fd_real:.1f} | {fdt} | {r.nfe} | "
+        part_cells = "".join(f" {_share(r.extra.get(key))} |" for _, key in parts)
+        lines.append(f"| {r.name} | {100 * r.accuracy:.1f}% |{part_cells} {r.fd_real:.1f} | {fdt} | {r.nfe} | "
                      f"{1000 * r.seconds_per_image:.2f} |")
     lines += cost_comparison(results)
+    lines += seed_spread(results, accuracy_name)
     if note:
         lines.append(f"\n{note}")
     return "\n".join(lines) + "\n"
+
+
+def seed_spread(results: Sequence[MethodResult], accuracy_name: str = "prompt accuracy") -> list[str]:
+    """Methods trained with several seeds (rows sharing ``extra["method"]``, each with its ``extra["seed"]``): the
+    mean and range of accuracy and FD-T over the seeds, and the FD-T of every method per seed side by side (the
+    same seed means the same initial weights of the generator and the same data order, so a row of that table is
+    a paired comparison)."""
+    groups: dict[str, dict[int, MethodResult]] = {}
+    for r in results:
+        if "method" in r.extra and "seed" in r.extra and r.fd_teacher is not None:
+            groups.setdefault(r.extra["method"], {})[int(r.extra["seed"])] = r
+    groups = {m: rows for m, rows in groups.items() if len(rows) > 1}
+    if not groups:
+        return []
+    lines = ["", "Over training seeds (mean, min–max):", "",
+             f"| method | seeds | {accuracy_name} | FD-T |", "|---|---:|---:|---:|"]
+    for method, rows in groups.items():
+        acc = [100 * r.accuracy for r in rows.values()]
+        fdt = [float(r.fd_teacher) for r in rows.values() if r.fd_teacher is not None]
+        lines.append(f"| {method} | {len(rows)} | {sum(acc) / len(acc):.1f}% ({min(acc):.1f}–{max(acc):.1f}) | "
+                     f"{sum(fdt) / len(fdt):.1f} ({min(fdt):.1f}–{max(fdt):.1f}) |")
+    seeds = sorted({s for rows in groups.values() for s in rows})
+    lines += ["", "FD-T per seed:", "", "| seed | " + " | ".join(groups) + " |", "|---:|" + "---:|" * len(groups)]
+    for seed in seeds:
+        cells = [f"{rows[seed].fd_teacher:.1f}" if seed in rows else "—" for rows in groups.values()]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def cost_comparison(results: Sequence[MethodResult]) -> list[str]:
@@ -73,14 +109,14 @@ def cost_comparison(results: Sequence[MethodResult]) -> list[str]:
 
 def write_results(out_dir: str | Path, results: Sequence[MethodResult], meta: dict, stem: str = "metrics",
                   accuracy_name: str = "prompt accuracy", note: str | None = None,
-                  reference: str = "teacher 28") -> tuple[Path, Path]:
+                  reference: str = "teacher 28", parts: Sequence[tuple[str, str]] = ()) -> tuple[Path, Path]:
     """``<stem>.json`` ({"meta", "results"}) and ``<stem>.md`` (:func:`results_markdown`) in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     j = out / f"{stem}.json"
     j.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
     m = out / f"{stem}.md"
-    m.write_text(results_markdown(results, accuracy_name, note, reference))
+    m.write_text(results_markdown(results, accuracy_name, note, reference, parts))
     return j, m
 
 

@@ -76,6 +76,7 @@ __all__ = [
     "load_reader",
     "reader_metadata",
     "sample_correct",
+    "object_errors",
     "compositional_report",
     "compositional_accuracy",
     "feature_stats",
@@ -423,6 +424,33 @@ def sample_correct(
     return all(obj_ok) and all(rel_ok), sum(obj_ok), len(obj_ok), sum(rel_ok), len(rel_ok)
 
 
+def object_errors(
+    readout: Readout, i: int, stated: ParsedCaption, threshold: float = 0.5
+) -> tuple[int, int, int]:
+    """How sample ``i``'s stated objects that are not read went wrong: (wrong colour, wrong shape, missing).
+
+    A stated object (c, s) with p_(c,s) < ``threshold`` counts as *wrong colour* when its shape is read in a colour
+    the caption does not state for that shape (some p_(c′,s) ≥ ``threshold``, c′ ≠ c, (c′, s) unstated), else as
+    *wrong shape* when its colour is read on an unstated shape (p_(c,s′) ≥ ``threshold``), else as *missing*. A
+    colour bound to the wrong object, or two colours blended within one, lands in the first class."""
+    stated_set = {tuple(p) for p in stated.objects}
+    wrong_colour = wrong_shape = missing = 0
+    for colour, shape in stated.objects:
+        if readout.presence[i, readout.index((colour, shape))] >= threshold:
+            continue
+
+        def read(pair: tuple[str, str]) -> bool:
+            return pair not in stated_set and bool(readout.presence[i, readout.index(pair)] >= threshold)
+
+        if any(read((c, s)) for c, s in readout.pairs if s == shape and c != colour):
+            wrong_colour += 1
+        elif any(read((c, s)) for c, s in readout.pairs if c == colour and s != shape):
+            wrong_shape += 1
+        else:
+            missing += 1
+    return wrong_colour, wrong_shape, missing
+
+
 def compositional_report(
     images: Tensor,
     scenes_or_captions: Sequence[Statement],
@@ -434,7 +462,9 @@ def compositional_report(
 ) -> dict[str, Any]:
     """Compositional accuracy with its parts: ``compositional_accuracy`` (share of samples with every stated
     object and relation read), ``object_accuracy`` (share of stated objects read as present), ``relation_accuracy``
-    (share of stated relations read) and ``correct`` (per-sample booleans). ``scenes_or_captions[i]`` states what
+    (share of stated relations read), the stated objects not read split by :func:`object_errors` into
+    ``object_wrong_colour``, ``object_wrong_shape`` and ``object_missing`` (shares of stated objects; the four
+    object shares sum to 1) and ``correct`` (per-sample booleans). ``scenes_or_captions[i]`` states what
     image i should show: a :class:`Scene`, a scenes.json record, a :class:`ParsedCaption` or a caption (parsed with
     ``data_config``'s phrasings, default :class:`ShapesConfig`). ``reader`` defaults to the shipped one."""
     if images.ndim != 4 or images.shape[0] != len(scenes_or_captions):
@@ -442,17 +472,20 @@ def compositional_report(
             f"compositional accuracy: {tuple(images.shape)} images but {len(scenes_or_captions)} scenes or captions"
         )
     readout = _reader(reader).read(images)
-    rows = [
-        sample_correct(readout, i, _statement(s, data_config), tolerance, threshold)
-        for i, s in enumerate(scenes_or_captions)
-    ]
+    statements = [_statement(s, data_config) for s in scenes_or_captions]
+    rows = [sample_correct(readout, i, stated, tolerance, threshold) for i, stated in enumerate(statements)]
+    errors = [object_errors(readout, i, stated, threshold) for i, stated in enumerate(statements)]
     n = max(len(rows), 1)
     objs, n_objs = sum(r[1] for r in rows), sum(r[2] for r in rows)
     rels, n_rels = sum(r[3] for r in rows), sum(r[4] for r in rows)
+    per_object = max(n_objs, 1)
     return {
         "compositional_accuracy": sum(r[0] for r in rows) / n,
-        "object_accuracy": objs / max(n_objs, 1),
+        "object_accuracy": objs / per_object,
         "relation_accuracy": rels / max(n_rels, 1),
+        "object_wrong_colour": sum(e[0] for e in errors) / per_object,
+        "object_wrong_shape": sum(e[1] for e in errors) / per_object,
+        "object_missing": sum(e[2] for e in errors) / per_object,
         "correct": [r[0] for r in rows],
     }
 
