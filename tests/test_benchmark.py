@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from senseflow.benchmark import DigitsSuite, ShapesSuite, build_suite, load_settings
+from senseflow.benchmark import ShapesSuite, build_suite, load_settings
 from senseflow.config import load_config
 from senseflow.launch import repo_root
 from senseflow.shapes import HELDOUT_STREAM, ShapesConfig, generate_scenes
@@ -33,7 +33,7 @@ def _tool():
 
 # ---- suites -----------------------------------------------------------------------------------------------------
 def test_digits_suite_prompts_every_digit_equally_often_and_lays_out_one_row_per_digit():
-    suite = DigitsSuite(per_digit=3, grid_columns=2)
+    suite = load_settings("digits").make_suite(per_digit=3, grid_columns=2)
     assert len(suite.prompts) == 30
     assert suite.prompts[:3] == ["a handwritten digit zero", "a handwritten digit one", "a handwritten digit two"]
     assert suite.prompts[17] == "a handwritten digit seven"            # prompt j names digit j mod 10
@@ -46,7 +46,7 @@ def test_digits_suite_prompts_every_digit_equally_often_and_lays_out_one_row_per
 
 @pytest.fixture(scope="module")
 def shapes_suite() -> ShapesSuite:
-    return ShapesSuite(num_prompts=40, real_count=200, grid_prompts=12, grid_columns=8, compare_rows=3)
+    return load_settings("shapes").make_suite(num_prompts=40, real_count=200, grid_prompts=12, compare_rows=3)
 
 
 def test_shapes_suite_prompts_are_the_held_out_captions(shapes_suite):
@@ -80,11 +80,15 @@ def test_shapes_suite_grids(shapes_suite):
     assert height > 3 * 96                                               # three prompts under a header of names
 
 
-def test_unknown_suite_settings_are_refused():
+def test_unknown_or_missing_suite_settings_are_refused():
     with pytest.raises(ValueError, match="per_digt"):
         build_suite("digits", {"per_digt": 3})
     with pytest.raises(ValueError, match="not one of"):
         build_suite("faces", {})
+    settings = dict(load_settings("digits").suite)
+    del settings["per_digit"]                                      # every setting comes from the yaml: no defaults
+    with pytest.raises(ValueError, match=r"missing setting\(s\) per_digit"):
+        build_suite("digits", settings)
 
 
 # ---- settings ---------------------------------------------------------------------------------------------------
@@ -178,7 +182,8 @@ def test_shapes_benchmark_runs_the_shapes_configs_and_writes_table_plot_and_grid
     rows = ["teacher 8-step Euler + CFG", "teacher 2-step Euler + CFG", "DMD2", "SenseFlow", "DMD2 (Euler)",
             "SenseFlow (Euler)"]
     table = (out / "results.md").read_text()
-    assert "| method | compositional accuracy | FD (real) | FD-T (teacher 8) | NFE/image | ms/image |" in table
+    assert ("| method | compositional accuracy | objects | relations | wrong colour | missing | FD (real) | "
+            "FD-T (teacher 8) | NFE/image | ms/image |") in table
     for name in rows:
         assert f"| {name} |" in table, name
     assert "Reader compositional accuracy on the 8 real held-out scenes" in table
@@ -221,3 +226,24 @@ def test_the_table_compares_each_student_with_the_teachers_sampler_at_equal_and_
             "teacher 4-step Euler + CFG (twice the cost: 15.0)") in table
     assert ("- DMD2: FD-T 30.0, better than teacher 2-step Euler + CFG (same cost: 40.0); not better than "
             "teacher 4-step Euler + CFG (twice the cost: 15.0)") in table
+
+
+def test_methods_trained_with_several_seeds_get_their_spread_and_a_per_seed_table():
+    from senseflow.benchmark.report import MethodResult, results_markdown
+
+    def student(method: str, seed: int, acc: float, fdt: float) -> MethodResult:
+        name = method if seed == 0 else f"{method} (seed {seed})"
+        return MethodResult(name, acc, 20.0, fdt, 4, 0.01, {"method": method, "seed": seed,
+                                                            "object_accuracy": 0.75, "object_wrong_colour": 0.125})
+
+    rows = [student("DMD2", 0, 0.10, 6.0), student("SenseFlow", 0, 0.08, 8.0), student("SenseFlow + IDA", 0, 0.07, 7.0),
+            student("DMD2", 1, 0.12, 7.0), student("SenseFlow", 1, 0.09, 5.0)]
+    table = results_markdown(rows, "compositional accuracy",
+                             parts=(("objects", "object_accuracy"), ("wrong colour", "object_wrong_colour"),
+                                    ("missing", "object_missing")))
+    assert "| method | compositional accuracy | objects | wrong colour | missing | FD (real) |" in table
+    assert "| DMD2 | 10.0% | 75.0% | 12.5% | — | 20.0 | 6.0 | 4 | 10.00 |" in table   # a part it lacks: a dash
+    assert "| DMD2 | 2 | 11.0% (10.0–12.0) | 6.5 (6.0–7.0) |" in table
+    assert "| SenseFlow | 2 | 8.5% (8.0–9.0) | 6.5 (5.0–8.0) |" in table
+    assert "| SenseFlow + IDA | 1 |" not in table                                    # one seed: no spread
+    assert "| seed | DMD2 | SenseFlow |" in table and "| 0 | 6.0 | 8.0 |" in table and "| 1 | 7.0 | 5.0 |" in table

@@ -202,10 +202,15 @@ def test_load_teacher_names_the_missing_folder(tmp_path):
 def test_the_two_student_samplers_of_the_evaluator():
     """"Ours" re-noises x̂₀ with fresh noise at each anchor; "Ours (Euler)" is the deterministic 4-step ODE of the
     same velocity field: with the teacher itself as an (unguided) student it equals the teacher's 4-step Euler."""
-    from senseflow.benchmark import DigitsSuite, EvalSpec, Evaluator
+    from dataclasses import replace
+
+    from senseflow.benchmark import Evaluator
+    from senseflow.benchmark.settings import load_settings
     from senseflow.method.sampling import sample_euler
 
-    ev = Evaluator(default_teacher_path(), DigitsSuite(per_digit=1), EvalSpec(batch_size=10))
+    settings = load_settings("digits")
+    ev = Evaluator(default_teacher_path(), settings.make_suite(per_digit=1),
+                   replace(settings.eval_spec(), batch_size=10))
     student = ev.family.build_student(ev.teacher).eval()
     euler, _ = ev.student_images(student, "euler")
     expected = sample_euler(ev.family, ev.teacher, ev.cond, ev.anchors(4), latents=ev.noise)

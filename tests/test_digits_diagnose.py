@@ -4,12 +4,14 @@ are the two Euler samplers, and the student's velocity error is the unguided tea
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from senseflow.benchmark import DigitsSuite, EvalSpec, Evaluator
+from senseflow.benchmark import Evaluator
+from senseflow.benchmark.settings import load_settings
 from senseflow.digits.teacher import default_teacher_path
 from senseflow.method.sampling import sample_euler
 
@@ -25,7 +27,9 @@ from digits_diagnosis import (
 
 @pytest.fixture(scope="module")
 def ev() -> Evaluator:
-    return Evaluator(default_teacher_path(), DigitsSuite(per_digit=1), EvalSpec(batch_size=10))
+    settings = load_settings("digits")
+    return Evaluator(default_teacher_path(), settings.make_suite(per_digit=1),
+                     replace(settings.eval_spec(), batch_size=10))
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from digits_diagnosis import diagnosis_markdown, guided_regression, handover_fdt, velocity_errors  # tools/, this folder
 
-from senseflow.benchmark import DigitsSuite, EvalSpec, Evaluator
+from senseflow.benchmark import Evaluator
+from senseflow.benchmark.settings import load_settings
 from senseflow.digits.teacher import default_teacher_path
 
 #: σ of the velocity table: the SD3.5 anchors (1, .9, .75, .5), ISG mid-points between them and below the last one
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--student {student_path}: no such file or folder")
     torch.set_num_threads(1)
     teacher = Path(args.teacher) if args.teacher else default_teacher_path()
-    ev = Evaluator(teacher, DigitsSuite(per_digit=args.per_digit), EvalSpec(teacher_guidance=args.teacher_guidance))
+    settings = load_settings("digits")          # the digits benchmark's prompts, noise seeds and step counts
+    spec = settings.eval_spec()
+    if args.teacher_guidance is not None:
+        spec = replace(spec, teacher_guidance=args.teacher_guidance)
+    ev = Evaluator(teacher, settings.make_suite(per_digit=args.per_digit), spec)
     report: dict = {"per_digit": args.per_digit, "teacher_guidance": ev.spec.teacher_guidance}
     if student_path is not None:
         student = ev.load_student(student_path)

@@ -49,23 +49,24 @@ def teacher_row_name(steps: int) -> str:
     return f"teacher {steps}-step Euler + CFG"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalSpec:
     """How the shared set is sampled: noise seed ``seed``, the teacher's CFG scale and step counts, the student's
-    steps; the prompts come from the suite."""
+    steps; the prompts come from the suite. The values are the ``eval`` section of
+    ``configs/benchmarks/<suite>.yaml`` (:meth:`senseflow.benchmark.settings.BenchmarkSettings.eval_spec`)."""
 
-    seed: int = 0
-    teacher_guidance: float | None = None  # teacher CFG scale s; None: the one its training record was evaluated at
-    teacher_steps: int = 28            # the reference sampler (SD3.5 default step count)
-    student_steps: int = 4             # §16.3
-    #: teacher Euler step counts scored beside the reference: 4 = the student's steps (8 NFE with CFG), 2 = the
-    #: student's 4 NFE (CFG costs 2 evaluations per step)
-    teacher_baselines: tuple[int, ...] = (4, 2)
-    batch_size: int = 100
-    reference_seed: int = 10_000       # independent noise of the FD-T reference set
-    resolution: int = 32               # pixels (the teacher's training resolution)
-    #: T5 length of SD3/FLUX-family teachers (the digits teachers' 77); None: the family's default
-    t5_max_length: int | None = 77
+    seed: int                          # the shared initial noise of every method
+    teacher_guidance: float | None     # teacher CFG scale s; None: the one its training record was evaluated at
+    teacher_steps: int                 # the reference sampler of FD-T
+    student_steps: int                 # §16.3
+    #: teacher Euler step counts scored beside the reference (e.g. the student's steps, and half of them: the
+    #: student's NFE, since CFG costs 2 evaluations per step)
+    teacher_baselines: tuple[int, ...]
+    batch_size: int
+    reference_seed: int                # independent noise of the FD-T reference set
+    resolution: int                    # pixels (the teacher's training resolution)
+    #: T5 length of SD3/FLUX-family teachers; None: the family's default
+    t5_max_length: int | None = None
 
     def __post_init__(self) -> None:
         if any(int(n) < 1 for n in (self.teacher_steps, self.student_steps, *self.teacher_baselines)):
@@ -95,11 +96,10 @@ def recorded_guidance(teacher_path: str | Path) -> float:
 class Evaluator:
     """Loads the teacher family once; samples teacher sets and student checkpoints on the suite's shared set."""
 
-    def __init__(self, teacher_path: str | Path, suite: "Suite", spec: EvalSpec | None = None) -> None:
+    def __init__(self, teacher_path: str | Path, suite: "Suite", spec: EvalSpec) -> None:
         from senseflow.method.sampling import initial_noise
         from senseflow.models.families import build_family, family_of_folder
 
-        spec = spec or EvalSpec()
         if spec.teacher_guidance is None:
             spec = replace(spec, teacher_guidance=recorded_guidance(teacher_path))
         self.spec = spec

@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 from senseflow.benchmark.evaluator import STUDENT_SAMPLERS, Evaluator, recorded_guidance, teacher_row_name
 from senseflow.benchmark.report import MethodResult, plot_curves, write_results
 from senseflow.benchmark.settings import BenchmarkSettings, Run
-from senseflow.benchmark.suites import build_suite
 from senseflow.launch import free_port, train_command
 
 __all__ = ["train_runs", "run_benchmark", "checkpoints", "finished_run"]
@@ -128,7 +127,7 @@ def run_benchmark(settings: BenchmarkSettings, out: Path, command: str, methods:
     teacher = Path(settings.teacher)
     if not (teacher / "model_index.json").is_file():
         raise FileNotFoundError(f"{teacher / 'model_index.json'} not found: no teacher there (pass --teacher)")
-    suite = build_suite(settings.suite_kind, settings.suite)
+    suite = settings.make_suite()
     runs = settings.runs(methods)
     spec = settings.eval_spec()
     if spec.teacher_guidance is None:      # the teacher's record, read before any training
@@ -166,14 +165,16 @@ def run_benchmark(settings: BenchmarkSettings, out: Path, command: str, methods:
         for ck in cks:
             r, im = ev.evaluate_student(ck, run.name)
             curve.append((int(ck.name.split("_")[1]), _fd_teacher(r)))
-        r.extra.update(iterations=curve[-1][0], seed=run.seed, train_seconds=trained[run.name]["train_seconds"])
+        r.extra.update(method=run.method.name, iterations=curve[-1][0], seed=run.seed,
+                       train_seconds=trained[run.name]["train_seconds"])
         results.append(r)
         curves[run.name] = curve
         finals[run.name] = im
         suite.grid(im).save(grids / f"{run.slug}.png")
         log(str(r))
         e, _ = ev.evaluate_student(cks[-1], run.name + STUDENT_SAMPLERS["euler"], sampler="euler")
-        e.extra.update(iterations=curve[-1][0], seed=run.seed, train_seconds=trained[run.name]["train_seconds"])
+        e.extra.update(method=run.method.name + STUDENT_SAMPLERS["euler"], iterations=curve[-1][0], seed=run.seed,
+                       train_seconds=trained[run.name]["train_seconds"])
         euler_rows.append(e)
         log(str(e))
     results += euler_rows
@@ -191,7 +192,8 @@ def run_benchmark(settings: BenchmarkSettings, out: Path, command: str, methods:
                      for r in runs},
             "curves": curves, "total_seconds": time.perf_counter() - t_start}
     write_results(out, results, meta, stem="results", accuracy_name=suite.accuracy_name,
-                  note=suite.heldout_note(heldout), reference=f"teacher {ev.spec.teacher_steps}")
+                  note=suite.heldout_note(heldout), reference=f"teacher {ev.spec.teacher_steps}",
+                  parts=suite.table_parts)
     if clean:
         shutil.rmtree(work)
     return json.loads((out / "results.json").read_text())

@@ -41,6 +41,7 @@ from senseflow.launch import LAUNCHERS, repo_root
 
 if TYPE_CHECKING:
     from senseflow.benchmark.evaluator import EvalSpec
+    from senseflow.benchmark.suites import Suite
 
 __all__ = ["MethodSpec", "Run", "BenchmarkSettings", "load_settings", "settings_path", "slug", "run_folder"]
 
@@ -90,6 +91,12 @@ class BenchmarkSettings:
     @property
     def teacher_steps(self) -> list[int]:
         return [int(k) for k in self.eval["teacher_steps"]]
+
+    def make_suite(self, **changes: Any) -> Suite:
+        """The suite of the ``suite`` section, with ``changes`` (e.g. the demo's ``per_digit``)."""
+        from senseflow.benchmark.suites import build_suite
+
+        return build_suite(self.suite_kind, {**self.suite, **changes})
 
     def eval_spec(self) -> EvalSpec:
         """The evaluator's :class:`~senseflow.benchmark.evaluator.EvalSpec` of the ``eval`` section."""

@@ -37,17 +37,19 @@ if TYPE_CHECKING:
 __all__ = ["Suite", "DigitsSuite", "ShapesSuite", "SUITES", "build_suite", "classifier_heldout_accuracy"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Suite(ABC):
     """The benchmark-specific parts (see the module doc). Subclasses are dataclasses of their settings."""
 
     kind: ClassVar[str]
     #: the accuracy column's name in the results table
     accuracy_name: ClassVar[str]
+    #: the accuracy's parts shown as table columns: (column, key of :meth:`accuracy_report`), shares in [0, 1]
+    table_parts: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    grid_columns: int = 8      # images per row of grids/<method>.png
-    compare_rows: int = 8      # prompts (rows) of grids/side_by_side.png
-    grid_scale: int = 2        # pixel upscaling of the grids (side by side: one more)
+    grid_columns: int          # images per row of grids/<method>.png
+    compare_rows: int          # prompts (rows) of grids/side_by_side.png
+    grid_scale: int            # pixel upscaling of the grids (side by side: one more)
 
     def __post_init__(self) -> None:
         for f in ("grid_columns", "compare_rows", "grid_scale"):
@@ -122,16 +124,15 @@ def classifier_heldout_accuracy() -> float:
     return float(accuracy(model, images, labels))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DigitsSuite(Suite):
     """The digits: ``per_digit`` prompts ``template`` per digit, scored by the shipped classifier."""
 
     kind: ClassVar[str] = "digits"
     accuracy_name: ClassVar[str] = "prompt accuracy"
 
-    per_digit: int = 20
-    template: str = "a handwritten digit {word}"
-    compare_rows: int = 10     # digits 0..9, first image of each
+    per_digit: int             # evaluation prompts per digit
+    template: str              # the prompt of digit d: template.format(word=<d in words>)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -192,18 +193,21 @@ class DigitsSuite(Suite):
         return {"data": data, **discriminator_backbones(work)}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ShapesSuite(Suite):
     """The shapes: the captions of ``num_prompts`` held-out scenes, scored by the shipped reader."""
 
     kind: ClassVar[str] = "shapes"
     accuracy_name: ClassVar[str] = "compositional accuracy"
+    table_parts: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("objects", "object_accuracy"), ("relations", "relation_accuracy"),
+        ("wrong colour", "object_wrong_colour"), ("missing", "object_missing"))
 
-    num_prompts: int = 300     # held-out scenes whose captions are the prompts
-    real_count: int = 2000     # real held-out scenes of the FD to real images
-    train_scenes: int = 20000  # scenes of the training set (ShapesConfig.num_scenes of the export)
-    scenes_seed: int = 0       # ShapesConfig.seed of the training set and the held-out scenes
-    grid_prompts: int = 32     # prompts shown in grids/<method>.png (grid_columns per row)
+    num_prompts: int           # held-out scenes whose captions are the prompts
+    real_count: int            # real held-out scenes of the FD to real images
+    train_scenes: int          # scenes of the training set (ShapesConfig.num_scenes of the export)
+    scenes_seed: int           # ShapesConfig.seed of the training set and the held-out scenes
+    grid_prompts: int          # prompts shown in grids/<method>.png (grid_columns per row)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -232,8 +236,9 @@ class ShapesSuite(Suite):
         from senseflow.shapes import compositional_report
 
         report = compositional_report(images, self.heldout.scenes)
-        return {"accuracy": report["compositional_accuracy"], "object_accuracy": report["object_accuracy"],
-                "relation_accuracy": report["relation_accuracy"]}
+        return {"accuracy": report["compositional_accuracy"],
+                **{k: report[k] for k in ("object_accuracy", "relation_accuracy", "object_wrong_colour",
+                                          "object_wrong_shape", "object_missing")}}
 
     def feature_stats(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
         from senseflow.shapes.reader import feature_stats
@@ -292,4 +297,7 @@ def build_suite(kind: str, settings: Mapping[str, Any] | None = None) -> Suite:
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"suite ({kind}): unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    missing = sorted(known - set(settings))
+    if missing:
+        raise ValueError(f"suite ({kind}): missing setting(s) {', '.join(missing)}")
     return cls(**settings)

@@ -34,9 +34,9 @@ DEFAULT_CONFIG = "configs/SD35/digits_senseflow.yaml"
 def prepare_assets(out: Path) -> dict[str, Path]:
     """Write the digits JSON set and the tiny discriminator backbones under ``out`` (kept if already there): the
     digits suite's training assets (:meth:`senseflow.benchmark.DigitsSuite.prepare_assets`)."""
-    from senseflow.benchmark import DigitsSuite
+    from senseflow.benchmark.settings import load_settings
 
-    return DigitsSuite().prepare_assets(out)
+    return load_settings("digits").make_suite().prepare_assets(out)
 
 
 def run_training(cmd: Sequence[str], log_path: Path) -> float:
@@ -71,17 +71,27 @@ def latest_student(run_dir: Path) -> Path:
     return source.path
 
 
-def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, columns: int, seed: int = 0,
+def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int | None = None, columns: int | None = None,
                  meta: dict | None = None, teacher_guidance: float | None = None, label: str = "SenseFlow") -> dict:
-    """Grids and the metrics table of teacher 28-step, the teacher's Euler baselines (4 steps; 2 steps = the
-    student's 4 NFE) and the 4-step student with each of its two samplers (the grid shows the re-noising sampler,
-    "Ours")."""
+    """Grids and the metrics table of the teacher's reference sampler (28 steps), its Euler baselines (4 steps; 2
+    steps = the student's 4 NFE) and the 4-step student with each of its two samplers (the grid shows the
+    re-noising sampler, "Ours"), with the digits benchmark's settings (``configs/benchmarks/digits.yaml``: prompts,
+    noise seeds, step counts); ``per_digit``, ``columns`` and ``teacher_guidance`` replace the yaml's when given."""
+    from dataclasses import replace
+
     from PIL import Image
 
-    from senseflow.benchmark import DigitsSuite, EvalSpec, Evaluator, write_results
+    from senseflow.benchmark import Evaluator, write_results
+    from senseflow.benchmark.settings import load_settings
 
-    suite = DigitsSuite(per_digit=per_digit, grid_columns=min(columns, per_digit))
-    ev = Evaluator(teacher, suite, EvalSpec(seed=seed, teacher_guidance=teacher_guidance))
+    settings = load_settings("digits")
+    per_digit = int(settings.suite["per_digit"]) if per_digit is None else per_digit
+    columns = int(settings.suite["grid_columns"]) if columns is None else columns
+    suite = settings.make_suite(per_digit=per_digit, grid_columns=min(columns, per_digit))
+    spec = settings.eval_spec()
+    if teacher_guidance is not None:
+        spec = replace(spec, teacher_guidance=teacher_guidance)
+    ev = Evaluator(teacher, suite, spec)
     r28, im28 = ev.evaluate_teacher(ev.spec.teacher_steps)
     baselines = [ev.evaluate_teacher(n)[0] for n in ev.spec.teacher_baselines]
     rs, ims = ev.evaluate_student(student, f"{label} student 4-step")
@@ -95,7 +105,7 @@ def evaluate_run(out: Path, teacher: Path, student: Path, per_digit: int, column
     both.paste(g_t, (g_s.width + 8, 0))
     both.save(out / "grids.png")
     heldout = suite.heldout_accuracy()
-    meta = dict(meta or {}, per_digit=per_digit, seed=seed, teacher=str(teacher), student=str(student),
+    meta = dict(meta or {}, per_digit=per_digit, seed=spec.seed, teacher=str(teacher), student=str(student),
                 teacher_guidance=ev.spec.teacher_guidance, classifier_heldout_accuracy=heldout)
     write_results(out, [r28, *baselines, rs, re], meta, accuracy_name=suite.accuracy_name,
                   note=suite.heldout_note(heldout))
@@ -107,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--iterations", type=int, default=None,
                    help="training iterations (default: the config's); the cosine LR decay is stretched to match")
-    p.add_argument("--samples-per-digit", type=int, default=30,
-                   help="evaluation images per digit (default 30: FD-T noise floor ≈ 3.5, docs/benchmarks.md)")
-    p.add_argument("--grid-columns", type=int, default=6, help="seeds shown per digit in the grids (default 6)")
+    p.add_argument("--samples-per-digit", type=int, default=None,
+                   help="evaluation images per digit (default: suite.per_digit of configs/benchmarks/digits.yaml, "
+                        "30: FD-T noise floor ≈ 3.5, docs/benchmarks.md)")
+    p.add_argument("--grid-columns", type=int, default=None,
+                   help="seeds shown per digit in the grids (default: suite.grid_columns of the same yaml)")
     p.add_argument("--config", default=None, help=f"training config (default {DEFAULT_CONFIG} of the checkout)")
     p.add_argument("--trainer", default="sd35_senseflow", choices=sorted(LAUNCHERS),
                    help="the trainer (and its launcher) that distils the teacher (default sd35_senseflow)")
@@ -132,7 +144,7 @@ def main_demo(argv: Sequence[str]) -> int:
     from senseflow.digits.teacher import default_teacher_path
 
     args = build_parser().parse_args(list(argv))
-    if args.samples_per_digit < 2:
+    if args.samples_per_digit is not None and args.samples_per_digit < 2:
         raise ValueError(f"--samples-per-digit must be ≥ 2, got {args.samples_per_digit} (the grids and FD need "
                          "several seeds per digit)")
     t_start = time.perf_counter()
