@@ -17,7 +17,8 @@ depends on):
 * VAE latent normalisation: SDXL z·0.13025; SD3.5 (z − 0.0609)·1.5305; FLUX (z − 0.1159)·0.3611; 8× downscaling;
 * text-encoder roles and widths *relations*: SDXL CLIP-L ⊕ CLIP-G hidden = UNet cross-attention width; SD3 CLIP-L
   hidden + CLIP-G hidden ≤ T5 width (otherwise the pipeline's pad silently crops);
-  FLUX pooled width = CLIP-L hidden, joint width = T5 width; FLUX.1-dev's distilled-guidance embedding.
+  FLUX pooled width = CLIP-L hidden, joint width = T5 width; FLUX.1-dev's distilled-guidance embedding (and a
+  de-distilled FLUX without it).
 
 Widths deliberately differ between encoders (e.g. CLIP-L 16, CLIP-G 32) so that a concatenation in the wrong
 order or of the wrong tensor fails a shape test. Tokenizers are trained on :data:`CORPUS` by
@@ -222,8 +223,9 @@ def build_tiny_teacher(kind: str, out_dir: str | Path, seed: int = 0, overwrite:
     its path.
 
     ``sd35-medium`` has dual attention in block 0 and RMS qk-norm (MMDiT-X); ``sd35-large`` has RMS qk-norm only;
-    ``flux`` has FLUX.1-dev's distilled-guidance embedding (``guidance_embeds=True``). Same ``seed`` → byte-identical
-    files. Takes about a second (plus imports).
+    ``flux`` has FLUX.1-dev's distilled-guidance embedding (``guidance_embeds=True``); ``flux-dedistilled`` is the
+    same transformer without it (a de-distilled FLUX, guided by classifier-free guidance). Same ``seed`` →
+    byte-identical files. Takes about a second (plus imports).
     """
     from senseflow.models.families import get_family
 
@@ -303,8 +305,8 @@ def build_tiny_dataset(out_dir: str | Path, num_images: int = 16, size: tuple[in
 
 def build_tiny_assets(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Everything the tiny configs (configs/tiny/*.yaml) read, under ``out_dir``: one folder per tiny teacher
-    (sdxl, sd35-medium, sd35-large, flux), ``backbones/`` (DINOv2 and CLIP text), ``data/dataset.json`` and
-    ``data/sdxl_latents.lmdb`` (the same images as SDXL VAE latents at 64 px)."""
+    (sdxl, sd35-medium, sd35-large, flux, flux-dedistilled), ``backbones/`` (DINOv2 and CLIP text),
+    ``data/dataset.json`` and ``data/sdxl_latents.lmdb`` (the same images as SDXL VAE latents at 64 px)."""
     out = _prepare_out_dir(out_dir, overwrite)
     for kind in tiny_kinds():
         build_tiny_teacher(kind, out / kind, seed=seed)
@@ -321,7 +323,8 @@ def build_tiny_assets(out_dir: str | Path, seed: int = 0, overwrite: bool = Fals
 # ---- CLI -----------------------------------------------------------------------------------------------------
 
 def main_tiny(argv: Sequence[str] | None = None) -> int:
-    """``senseflow tiny --kind {sdxl,sd35-medium,sd35-large,flux,backbones} --out DIR [--seed 0] [--overwrite]``."""
+    """``senseflow tiny --kind {sdxl,sd35-medium,sd35-large,flux,flux-dedistilled,backbones,dataset,all} --out DIR
+    [--seed 0] [--overwrite]``."""
     parser = argparse.ArgumentParser(prog="senseflow tiny",
                                      description="Write a tiny random teacher (diffusers layout) "
                                                  "or the tiny VFM-discriminator backbones, for tests and CPU demos.")

@@ -67,7 +67,9 @@ class ToyFamily(TeacherFamily):
         self.calls.append((net, "predict", guidance))
         return net(x, self._schedule.net_timestep(tau), cond.pooled)
 
-    def guided_predict(self, net, x, tau, cond, scale):
+    def guided_predict(self, net, x, tau, cond, scale, kind=None):
+        if kind not in (None, "cfg"):
+            raise ValueError(f"toy: guidance kind {kind!r} is not cfg")
         self.calls.append((net, "guided", float(scale)))
         t = self._schedule.net_timestep(tau)
         u = net(x, t, self.unconditional(x.shape[0]).pooled.to(x.device))

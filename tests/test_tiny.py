@@ -28,6 +28,7 @@ LAYOUT = {
                               "scheduler"]),
 }
 LAYOUT["sd35-large"] = LAYOUT["sd35-medium"]
+LAYOUT["flux-dedistilled"] = LAYOUT["flux"]
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -82,6 +83,11 @@ def test_denoiser_variants(tiny_teacher):
     assert list(medium["dual_attention_layers"]) == [0] and medium["qk_norm"] == "rms_norm"
     assert list(large["dual_attention_layers"]) == [] and large["qk_norm"] == "rms_norm"
     assert flux["guidance_embeds"] is True
+    dedistilled = json.loads((tiny_teacher("flux-dedistilled") / "transformer" / "config.json").read_text())
+    assert dedistilled["guidance_embeds"] is False
+    assert {k: v for k, v in dedistilled.items() if k != "guidance_embeds"} == {
+        k: v for k, v in flux.items() if k != "guidance_embeds"
+    }
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_KINDS))

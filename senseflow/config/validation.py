@@ -181,10 +181,8 @@ def validate(cfg: SenseFlowConfig, sources: dict[str, str] | None = None) -> Non
     for prefix in ("method.dmd.guidance", "method.isg.guidance"):
         guidance = _get(cfg, prefix)
         need(guidance.max >= guidance.min, f"{prefix}.max", f"a number >= {prefix}.min ({guidance.min:g})")
-        kind = family.guidance_kind
-        why = ("FLUX.1-dev teachers guide with their distilled guidance embedding, not CFG" if kind == "embedding"
-               else "only FLUX teachers have a guidance embedding")
-        need(guidance.kind == kind, f"{prefix}.kind", f"'{kind}' for teacher.family={cfg.teacher.family} ({why})")
+        expected = family.guidance_kind_expectation(str(guidance.kind))  # the kinds the family can run
+        need(expected is None, f"{prefix}.kind", expected or "")
     need(cfg.method.isg.sdxl_mode == "intended" or family.schedule_kind == "ddpm", "method.isg.sdxl_mode",
          f"'intended' for teacher.family={cfg.teacher.family} (the 'reference' reduction is the SDXL trainer's, §8.2)")
 

@@ -54,16 +54,21 @@ class TeacherFamily(ABC):
 
     Subclasses (through :class:`~senseflow.models.families.loading.DiffusersFamily`): ``sdxl`` (UNet, DDPM ε),
     ``sd3`` (MMDiT, flow, static shift; Medium and Large are presets),
-    ``flux`` (MMDiT with 2×2 packing, flow, dynamic shift, distilled-guidance embedding).
+    ``flux`` (MMDiT with 2×2 packing, flow, dynamic shift, distilled-guidance embedding or, for a de-distilled
+    teacher, CFG).
     """
 
     #: registry name used by ``teacher.family`` in configs
     name: str
     #: other names :func:`~senseflow.models.families.get_family` accepts (SD3: ``sd35``, ``sd35-large`` …)
     aliases: tuple[str, ...] = ()
-    #: how the teacher guides (:meth:`guided_predict`): ``cfg`` (classifier-free guidance u + s·(c − u)) or
-    #: ``embedding`` (a distilled guidance input, FLUX.1-dev); ``method.*.guidance.kind`` must name it
+    #: how the family's stock teacher guides (:meth:`guided_predict`): ``cfg`` (classifier-free guidance
+    #: u + s·(c − u)) or ``embedding`` (a distilled guidance input, FLUX.1-dev). A family instance holds the kind
+    #: of its own teacher folder (:meth:`teacher_guidance`: a FLUX teacher without a guidance embedder is ``cfg``)
     guidance_kind: str = "cfg"
+    #: every guidance kind the family can run; ``method.*.guidance.kind`` must be one of them
+    #: (:meth:`guidance_kind_expectation`) and the teacher folder's (:meth:`teacher_guidance`)
+    guidance_kinds: tuple[str, ...] = ("cfg",)
     #: ``flow`` (σ ∈ (0, 1], velocity; anchors are sigmas) or ``ddpm`` (integer t, ε-prediction; anchors are
     #: timesteps, and ISG's ``reference`` reduction of the released SDXL code applies)
     schedule_kind: str = "flow"
@@ -153,6 +158,26 @@ class TeacherFamily(ABC):
         """The largest image side the denoiser's position embedding covers, or None when there is no limit."""
         return None
 
+    # ---- guidance kinds (read from configs only: checked before any network loads) ---------------------------
+    @classmethod
+    def guidance_kind_expectation(cls, kind: str) -> str | None:
+        """None when the family can guide with ``kind``; else what a ``method.*.guidance.kind`` of this family must
+        be, phrased for a config error ("'cfg' for teacher.family=sdxl (…)")."""
+        if kind in cls.guidance_kinds:
+            return None
+        if "embedding" not in cls.guidance_kinds:
+            why = "only FLUX teachers have a guidance embedding"
+        else:
+            why = "its teachers take no classifier-free guidance"
+        allowed = " or ".join(repr(k) for k in cls.guidance_kinds)
+        return f"{allowed} for teacher.family={cls.name} ({why})"
+
+    @classmethod
+    def teacher_guidance(cls, denoiser_config: Mapping[str, Any]) -> tuple[str, str]:
+        """(kind, reason): the guidance kind a teacher whose denoiser has ``denoiser_config`` runs, and a phrase
+        saying why, for messages ("has a guidance embedder …"). By default the family's :attr:`guidance_kind`."""
+        return cls.guidance_kind, f"is a {cls.name} teacher"
+
     # ---- memory plan (``senseflow memory``) -----------------------------------------------------------------
     @classmethod
     def public_denoiser(cls, hint: str) -> str:
@@ -234,8 +259,11 @@ class TeacherFamily(ABC):
         """
 
     @abstractmethod
-    def guided_predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: Tensor | float) -> Tensor:
-        """The teacher's guided prediction: CFG ``u + s·(c − u)`` (SDXL, SD3.5) or the guidance embedding (FLUX)."""
+    def guided_predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: Tensor | float,
+                       kind: str | None = None) -> Tensor:
+        """The teacher's guided prediction with guidance ``kind`` (one of :attr:`guidance_kinds`; None: the
+        instance's :attr:`guidance_kind`): CFG ``u + s·(c − u)`` (SDXL, SD3.5, FLUX without a guidance embedder)
+        or the guidance embedding (FLUX.1-dev). A kind the family or ``net`` cannot run raises ``ValueError``."""
 
     # ---- latents -------------------------------------------------------------------------------------------
     @abstractmethod

@@ -21,6 +21,7 @@ by every reader of that file in the process, as LMDB requires).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from senseflow.core.family import vae_factor
 from senseflow.data.errors import BadSampleError, DataError, where
 
 __all__ = [
@@ -51,6 +53,10 @@ __all__ = [
     "BUILD_INFO",
     "BUILD_PROGRESS",
     "LATENT_DTYPE",
+    "teacher_vae_factor",
+    "teacher_latent_shape",
+    "latents_fit_problem",
+    "check_latents_fit_teacher",
 ]
 
 LATENTS_SHAPE = b"latents_shape"
@@ -286,3 +292,73 @@ class LatentLMDBDataset(Dataset):
             "key": key,
             "index": i,
         }
+
+
+# ---- latents against the teacher's VAE (read from metadata only, before any network loads) --------------------
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape))
+
+
+def _teacher_vae_config(teacher_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The teacher's ``vae/config.json`` (None when there is none; the folder checks report that)."""
+    config_file = Path(teacher_path).expanduser() / "vae" / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{config_file}: not readable JSON ({e})") from None
+    if not isinstance(config, dict) or "latent_channels" not in config:
+        raise DataError(f"{config_file}: no 'latent_channels'; expected a diffusers AutoencoderKL config")
+    return config
+
+
+def teacher_vae_factor(teacher_path: str | os.PathLike[str]) -> int | None:
+    """Pixel-to-latent factor 2^(levels − 1) of the teacher's VAE (:func:`senseflow.core.family.vae_factor`, the
+    one the families use); None without ``<teacher_path>/vae/config.json``."""
+    config = _teacher_vae_config(teacher_path)
+    return None if config is None else vae_factor(config)
+
+
+def teacher_latent_shape(teacher_path: str | os.PathLike[str], resolution: int) -> tuple[int, int, int] | None:
+    """(C, h, w) of the latents the teacher's VAE (``<teacher_path>/vae/config.json``) makes of a
+    ``resolution``² image: ``latent_channels`` and resolution / 2^(levels − 1). None without that file."""
+    config = _teacher_vae_config(teacher_path)
+    if config is None:
+        return None
+    f = vae_factor(config)
+    return int(config["latent_channels"]), resolution // f, resolution // f
+
+
+def latents_fit_problem(data_path: str | os.PathLike[str], kind: str, resolution: int,
+                        teacher_path: str | os.PathLike[str]) -> str | None:
+    """One line when the latents of an LMDB set do not have the size the teacher's VAE gives at ``resolution``
+    (an LMDB made by another VAE or at another resolution), else None.
+
+    Reads the LMDB's ``latents_shape`` and the teacher's ``vae/config.json`` only. Image sets (``kind`` json /
+    jsonl, or ``auto`` on a path that is no LMDB) are encoded by the teacher's own VAE and always fit; a missing
+    data set or VAE config is left to the data and folder checks (None here).
+    """
+    if kind in ("json", "jsonl") or not Path(data_path).exists() or (kind == "auto" and not is_lmdb(data_path)):
+        return None
+    expected = teacher_latent_shape(teacher_path, resolution)
+    if expected is None:
+        return None
+    stored = read_lmdb_header(data_path).latent_shape
+    if stored == expected:
+        return None
+    return (f"data.path: the LMDB {data_path} holds latents of {_fmt(stored)} (C×H×W) but the teacher's VAE "
+            f"({Path(teacher_path) / 'vae' / 'config.json'}) makes {_fmt(expected)} at data.resolution={resolution}; "
+            "encode the set with this teacher's VAE (senseflow data build-lmdb) or use the teacher whose VAE made it")
+
+
+def check_latents_fit_teacher(cfg: Any) -> None:
+    """Raise :class:`DataError` (a ``ValueError``) with :func:`latents_fit_problem`'s line when the LMDB at
+    ``cfg.data.path`` holds latents of another size than ``cfg.teacher.path``'s VAE makes at ``data.resolution``.
+    Reads metadata only, so the trainer's pre-flight runs it before any network loads."""
+    data, teacher = cfg.data, cfg.teacher
+    kind = data.get("kind", "auto") if hasattr(data, "get") else getattr(data, "kind", "auto")
+    problem = latents_fit_problem(str(data.path), str(kind), int(data.resolution), str(teacher.path))
+    if problem is not None:
+        raise DataError(problem)

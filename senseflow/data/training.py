@@ -1,7 +1,8 @@
 """The trainer's view of the data: one call from the ``data`` config section to an endless, resumable batch stream.
 
-``build_training_data(cfg.data, batch_size, seed, rank, world_size)`` runs :func:`~senseflow.data.check.quick_check`
-(so a malformed set fails with a message naming file and record), opens the set and wraps it in
+``build_training_data(cfg.data, batch_size, seed, rank, world_size, teacher=cfg.teacher)`` refuses latents of
+another size than the teacher's VAE makes, runs :func:`~senseflow.data.check.quick_check` (so a malformed set fails
+with a message naming file and record), opens the set and wraps it in
 :func:`~senseflow.data.loader.build_dataloader` over the GLOBAL rank. Batches are dicts with ``caption`` (list of
 str), ``original_size`` / ``crop_coords`` (B, 2) int64, ``key``, ``index`` and either ``pixels`` (B, 3, R, R) in
 [−1, 1] (JSON / JSONL) or ``latents`` (B, C, h, w) fp32 (LMDB; also JSON sets with a complete latent cache).
@@ -11,7 +12,9 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from senseflow.data.check import quick_check
+from senseflow.data.errors import DataError
 from senseflow.data.factory import open_dataset
+from senseflow.data.lmdb_latents import latents_fit_problem, teacher_vae_factor
 from senseflow.data.loader import MapDataset, ResumableDataLoader, build_dataloader, infinite_batches
 
 __all__ = ["TrainingData", "build_training_data"]
@@ -44,11 +47,21 @@ def _get(cfg: Any, name: str, default: Any) -> Any:
     return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
 
 
-def build_training_data(cfg: Any, batch_size: int, seed: int, rank: int, world_size: int) -> TrainingData:
+def build_training_data(cfg: Any, batch_size: int, seed: int, rank: int, world_size: int,
+                        teacher: Any = None) -> TrainingData:
     """From the ``data`` section (path, kind, resolution, crop, num_workers, pin_memory, persistent_workers,
-    max_bad_samples; optional vae_scale_factor, quick_check_samples) and the per-rank batch size."""
+    max_bad_samples; optional vae_scale_factor, quick_check_samples) and the per-rank batch size.
+
+    With the ``teacher`` section (its ``path``), an LMDB whose latents are not the size the teacher's VAE makes at
+    ``resolution`` is refused first (:func:`~senseflow.data.lmdb_latents.latents_fit_problem`), and the VAE's own
+    scale factor replaces ``vae_scale_factor``."""
     path, kind, resolution = str(cfg.path), str(_get(cfg, "kind", "auto")), int(cfg.resolution)
     vae_scale_factor = int(_get(cfg, "vae_scale_factor", 8))
+    if teacher is not None:
+        problem = latents_fit_problem(path, kind, resolution, str(teacher.path))
+        if problem is not None:
+            raise DataError(problem)
+        vae_scale_factor = teacher_vae_factor(str(teacher.path)) or vae_scale_factor
     quick_check(path, resolution, int(_get(cfg, "quick_check_samples", 4)), vae_scale_factor, kind)
     dataset = open_dataset(path, resolution, kind=kind, crop=str(_get(cfg, "crop", "center")), seed=seed,
                            vae_scale_factor=vae_scale_factor)

@@ -20,7 +20,7 @@ from senseflow.core.family import TeacherFamily
 from senseflow.core.rng import RunRNG
 from senseflow.core.schedules import Schedule, TimestepSampler
 from senseflow.method import dmd, gan, isg
-from senseflow.method.guidance import draw_guidance_scale
+from senseflow.method.guidance import draw_guidance_scale, guidance_kind
 from senseflow.method.isg import ISGOptions, draw_midpoint
 from senseflow.method.sampling import backward_simulate
 
@@ -100,6 +100,9 @@ class Distiller:
         self.use_isg = bool(method_cfg.isg.enabled)
         self.use_cls = bool(method_cfg.dmd2_cls.enabled) and dmd2_head is not None
         self.isg_options = ISGOptions.from_config(method_cfg.isg)
+        # how the teacher is guided in DMD's real score and in ISG (None: the teacher folder's own kind)
+        self.dmd_guidance_kind = guidance_kind(method_cfg.dmd)
+        self.isg_guidance_kind = guidance_kind(method_cfg.isg)
         # grid indices for the reference GAN weight of the families that read the σ table at them (§10: SD3.5)
         self.gan_anchor_indices = gan.reference_anchor_indices(family, schedule, anchors)
 
@@ -141,6 +144,7 @@ class Distiller:
         loss_dmd, dmd_logs = dmd.distribution_matching_loss(
             self.family, self.schedule, self.teacher, self.fake, x0_hat, mb.cond,
             self.dmd_sampler, d.dmd_guidance, mb.noise, eps=float(c.dmd.normalizer_eps),
+            guidance_kind=self.dmd_guidance_kind,
         )
         total = float(c.dmd.weight) * loss_dmd
         logs.update({f"dmd/{k}": v for k, v in dmd_logs.items()})
@@ -149,6 +153,7 @@ class Distiller:
             loss_isg, isg_logs = isg.isg_loss(
                 self.family, self.schedule, self.generator, self.teacher, mb.x_in, pred, d.k, self.anchors,
                 mb.cond, d.isg_guidance, self.isg_options, None, tau_mid=d.isg_mid,
+                guidance_kind=self.isg_guidance_kind,
             )
             total = total + float(c.isg.weight) * loss_isg
             logs["loss/isg"] = float(loss_isg.detach())

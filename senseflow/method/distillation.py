@@ -33,7 +33,7 @@ from senseflow.method.ida import ida_update
 from senseflow.method.optim import EMA, build_optimizer, build_scheduler
 from senseflow.method.players import Player, Runtime, Stateful
 from senseflow.method.sampling import sample_stochastic
-from senseflow.models.families import build_family
+from senseflow.models.families import build_family, check_guidance_kinds
 
 if TYPE_CHECKING:
     from senseflow.models.discriminator import TextConditioner, VFMDiscriminator
@@ -73,6 +73,7 @@ class Distillation:
     # ================================================================== networks (§3.1)
     def _build_networks(self, opts: sfdist.ShardOptions) -> None:
         cfg, t = self.cfg, self.cfg.teacher
+        check_guidance_kinds(cfg)  # the guidance kinds fit the teacher folder: read from configs, before any load
         self.family = build_family(t, self.device)
         res = int(t.resolution)
         self.schedule = self.family.schedule(res, res)

@@ -98,12 +98,14 @@ def distribution_matching_loss(
     noise_gen: NoiseSource,
     eps: float = 1e-8,
     keep_images: bool = False,
+    guidance_kind: str | None = None,
 ) -> tuple[Tensor, dict]:
     """L_DMD of §5 for a batch of generator estimates ``x0_hat`` (with grad).
 
     τ ~ ``sampler`` per sample and ε are drawn from ``noise_gen`` (per rank). The fake score F runs unguided;
-    the teacher runs guided with ``guidance_scale`` (see :mod:`senseflow.method.guidance`). ``eps`` is the
-    normaliser guard (config ``dmd.normalizer_eps``; default 1e-8).
+    the teacher runs guided with ``guidance_scale`` in ``guidance_kind`` (config ``dmd.guidance.kind``; None: the
+    teacher folder's own kind; see :mod:`senseflow.method.guidance`). ``eps`` is the normaliser guard (config
+    ``dmd.normalizer_eps``; default 1e-8).
     """
     b = x0_hat.shape[0]
     with torch.no_grad():
@@ -112,7 +114,7 @@ def distribution_matching_loss(
         noise = gaussian_like(x0, noise_gen)
         x_tau = schedule.add_noise(x0, noise, tau)
         fake_x0 = schedule.x0_from(x_tau, family.predict(fake, x_tau, tau, cond).float(), tau).float()
-        real_pred = guided_prediction(family, teacher, x_tau, tau, cond, guidance_scale)
+        real_pred = guided_prediction(family, teacher, x_tau, tau, cond, guidance_scale, guidance_kind)
         real_x0 = schedule.x0_from(x_tau, real_pred.float(), tau).float()
         g = dmd_gradient(x0, fake_x0, real_x0, eps)
     loss = dmd_loss(x0_hat, g)

@@ -2,10 +2,13 @@
 
 A guidance scale is either fixed (``min == max``: SDXL DMD s = 8, SD3.5-Large ISG s = 5) or drawn as
 s ~ U(min, max) once per use and shared by the batch and by every rank (decision 2: it comes from ``shared_gen``).
-What "guided" means is the family's business (:meth:`TeacherFamily.guided_predict`): classifier-free guidance
-u + s·(c − u) for SDXL and SD3.5, the distilled-guidance embedding for FLUX.1-dev.
+What "guided" means is the family's business (:meth:`TeacherFamily.guided_predict`), in the kind the config names
+(``method.dmd.guidance.kind``, ``method.isg.guidance.kind``): classifier-free guidance u + s·(c − u) (``cfg``: SDXL,
+SD3.5, a de-distilled FLUX) or the distilled-guidance embedding (``embedding``: FLUX.1-dev).
 """
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +16,7 @@ from torch import Tensor, nn
 from senseflow.core.condition import Condition
 from senseflow.core.family import TeacherFamily
 
-__all__ = ["draw_guidance_scale", "guided_prediction"]
+__all__ = ["draw_guidance_scale", "guided_prediction", "guidance_kind"]
 
 
 def draw_guidance_scale(spec_min: float, spec_max: float, shared_gen: torch.Generator) -> float:
@@ -32,7 +35,20 @@ def draw_guidance_scale(spec_min: float, spec_max: float, shared_gen: torch.Gene
 
 
 def guided_prediction(
-    family: TeacherFamily, teacher: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: float
+    family: TeacherFamily, teacher: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: float,
+    kind: str | None = None,
 ) -> Tensor:
-    """The teacher's guided raw prediction (v or ε) at (x, τ): ``family.guided_predict`` with scale s."""
-    return family.guided_predict(teacher, x, tau, cond, scale)
+    """The teacher's guided raw prediction (v or ε) at (x, τ): ``family.guided_predict`` with scale s, in guidance
+    ``kind`` (None: the teacher folder's own kind)."""
+    if kind is None:
+        return family.guided_predict(teacher, x, tau, cond, scale)
+    return family.guided_predict(teacher, x, tau, cond, scale, kind=kind)
+
+
+def guidance_kind(section: Any) -> str | None:
+    """The ``guidance.kind`` of a method config section (``method.dmd``, ``method.isg``), None when it has none."""
+    guidance = section.get("guidance") if isinstance(section, Mapping) else getattr(section, "guidance", None)
+    if guidance is None:
+        return None
+    kind = guidance.get("kind") if isinstance(guidance, Mapping) else getattr(guidance, "kind", None)
+    return None if kind is None else str(kind)

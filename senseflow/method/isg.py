@@ -212,10 +212,12 @@ def isg_trajectories(
     guidance_scale: float,
     sdxl_mode: str = "intended",
     midpoint_model: str = "generator",
+    guidance_kind: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(x_dir, x_tar) of the module docstring for given per-sample times τ_k, τ_m, τ_{k+1} (all [B]).
 
-    x_dir carries the gradient of ``pred_theta``; x_tar is computed without grad. Both are fp32.
+    x_dir carries the gradient of ``pred_theta``; x_tar is computed without grad. Both are fp32. The teacher is
+    guided with ``guidance_scale`` in ``guidance_kind`` (config ``isg.guidance.kind``; None: the teacher folder's).
     """
     if sdxl_mode not in _MODES:
         raise ValueError(f"method.isg.sdxl_mode: {sdxl_mode!r} is not one of {', '.join(_MODES)}")
@@ -223,12 +225,12 @@ def isg_trajectories(
         raise ValueError(f"method.isg.midpoint_model: {midpoint_model!r} is not one of {', '.join(_MIDPOINT_MODELS)}")
     x = x_in.detach().float()
     with torch.no_grad():
-        pred_t = guided_prediction(family, teacher, x, tau_k, cond, guidance_scale).float()
+        pred_t = guided_prediction(family, teacher, x, tau_k, cond, guidance_scale, guidance_kind).float()
         x_m = schedule.step(x, pred_t, tau_k, tau_m).float()
         if midpoint_model == "generator":
             pred_m = family.predict(generator_net, x_m, tau_m, cond).float()
         else:
-            pred_m = guided_prediction(family, teacher, x_m, tau_m, cond, guidance_scale).float()
+            pred_m = guided_prediction(family, teacher, x_m, tau_m, cond, guidance_scale, guidance_kind).float()
         if sdxl_mode == "intended":
             x_tar = schedule.step(x_m, pred_m, tau_m, tau_next)
         else:
@@ -267,11 +269,13 @@ def isg_loss(
     shared_gen: torch.Generator | None,
     keep_images: bool = False,
     tau_mid: Tensor | None = None,
+    guidance_kind: str | None = None,
 ) -> tuple[Tensor, dict]:
     """L_ISG for the segment starting at anchor ``k`` (shared by the batch); ``pred_theta`` = G(x_in, τ_k) with grad.
 
     ``options`` is an :class:`ISGOptions` or a config node with its fields. τ_m is ``tau_mid`` when given (drawn
-    once per iteration by the caller, shared by its micro-batches), else drawn here from ``shared_gen``.
+    once per iteration by the caller, shared by its micro-batches), else drawn here from ``shared_gen``. The
+    teacher is guided in ``guidance_kind`` (config ``isg.guidance.kind``; None: the teacher folder's own kind).
     """
     opts = options if isinstance(options, ISGOptions) else ISGOptions.from_config(options)
     _check_k(anchors, k)
@@ -286,7 +290,7 @@ def isg_loss(
     tau_next = segment_end(schedule, anchors, k, opts.last_segment_end, x_in)
     x_dir, x_tar = isg_trajectories(
         family, schedule, generator_net, teacher, x_in, pred_theta, tau_k, tau_m_b, tau_next, cond,
-        guidance_scale, sdxl_mode=opts.sdxl_mode, midpoint_model=opts.midpoint_model,
+        guidance_scale, sdxl_mode=opts.sdxl_mode, midpoint_model=opts.midpoint_model, guidance_kind=guidance_kind,
     )
     loss = isg_distance(x_dir, x_tar, opts.loss, opts.huber_c)
     diff = (x_dir.detach() - x_tar).abs().mean()

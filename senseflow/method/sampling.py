@@ -15,8 +15,9 @@ estimate the schedule derives from it.
 Both samplers start from pure noise ε (for SDXL the UNet input at t = 999 is ε itself, as in the reference).
 All noise comes from ``noise_gen`` in a fixed order (initial ε, then one fresh ε per re-noising), so the
 stochastic sampler with K steps and backward simulation with k = K give the same result for the same generator
-state. ``guidance_scale`` (optional) samples the *teacher* through ``family.guided_predict`` (CFG for SDXL/SD3,
-the distilled-guidance embedding for FLUX); the student takes none.
+state. ``guidance_scale`` (optional) samples the *teacher* through ``family.guided_predict`` in its folder's guidance
+kind (CFG for SDXL/SD3 and a FLUX without a guidance embedder, the distilled-guidance embedding for FLUX.1-dev); the
+student takes none.
 """
 from __future__ import annotations
 

@@ -24,8 +24,11 @@ import torch
 from senseflow.core.dtypes import parse_dtype
 from senseflow.core.family import TeacherFamily
 
-__all__ = ["FAMILY_NAMES", "family_names", "get_family", "register_family",
-           "unregister_family", "build_family", "family_of_folder"]
+__all__ = ["FAMILY_NAMES", "GUIDANCE_KEYS", "family_names", "get_family", "register_family",
+           "unregister_family", "build_family", "family_of_folder", "guidance_problem", "check_guidance_kinds"]
+
+#: the config keys that say how the teacher is guided (DMD's real score, ISG's teacher calls)
+GUIDANCE_KEYS: tuple[str, ...] = ("method.dmd.guidance.kind", "method.isg.guidance.kind")
 
 #: the shipped families: registry name → "module:Class", in the order messages list them
 _BUILTIN: dict[str, str] = {
@@ -162,3 +165,51 @@ def build_family(spec: Any, device: torch.device | str = "cpu", **overrides: Any
             kwargs[key] = int(_field(spec, key))
     kwargs.update(overrides)
     return cls(device=device, **kwargs)
+
+
+def _dotted(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = _field(node, part)
+    return node
+
+
+def guidance_problem(cfg: Any) -> str | None:
+    """One line saying why the config's guidance kinds (:data:`GUIDANCE_KEYS`) cannot run on its teacher, or None.
+
+    Reads only the config and the teacher's denoiser ``config.json`` (no weights), so it runs before any network
+    loads: a kind the family cannot guide with is named with the kinds it can; a kind that does not fit the teacher
+    folder (FLUX: ``embedding`` without a guidance embedder, ``cfg`` with one) is named with the overrides that
+    fit. A missing teacher folder or ``config.json`` is left to the folder checks (None here).
+    """
+    family = get_family(str(_dotted(cfg, "teacher.family")))
+    kinds = {key: str(_dotted(cfg, key)) for key in GUIDANCE_KEYS}
+    for key, kind in kinds.items():
+        expected = family.guidance_kind_expectation(kind)
+        if expected is not None:
+            return f"{key} = {kind!r}: expected {expected}"
+    teacher = _dotted(cfg, "teacher.path")
+    if teacher is None:
+        return None
+    config_file = Path(str(teacher)).expanduser() / family.denoiser_subfolder / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        denoiser_config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"teacher.path: {config_file} is not readable JSON ({e})"
+    need, why = family.teacher_guidance(denoiser_config)
+    wrong = [key for key, kind in kinds.items() if kind != need]
+    if not wrong:
+        return None
+    overrides = " ".join(f"{key}={need}" for key in wrong)
+    return (f"{wrong[0]} = {kinds[wrong[0]]!r} does not fit the teacher: {config_file} {why}; "
+            f"override {overrides}")
+
+
+def check_guidance_kinds(cfg: Any) -> None:
+    """Raise ``ValueError`` with :func:`guidance_problem`'s line when the config's guidance kinds do not fit its
+    teacher family and folder (reads configs only; meant for the pre-flight, before any network loads)."""
+    problem = guidance_problem(cfg)
+    if problem is not None:
+        raise ValueError(problem)

@@ -1,9 +1,11 @@
-"""FLUX family: MMDiT on 2×2-packed latents, rectified flow with a resolution-dependent (dynamic) shift, and
-FLUX.1-dev's distilled-guidance embedding.
+"""FLUX family: MMDiT on 2×2-packed latents, rectified flow with a resolution-dependent (dynamic) shift, and two
+guidance kinds: FLUX.1-dev's distilled-guidance embedding (``embedding``, one forward with g) and, for a
+de-distilled teacher whose transformer has no guidance embedder, classifier-free guidance (``cfg``: u + s·(c − u)
+on the velocity, with the conditional and the empty-prompt branch).
 
 Text conditioning (docs/method.md §12): pooled = CLIP-L ``pooler_output`` (B, 768) from 77 tokens; prompt_embeds = T5
 last hidden state (B, 512, 4096); text_ids = zeros (512, 3) shared by the batch (2-D, as current diffusers wants);
-unconditional = the encoding of "" (never needed by the method: FLUX guidance is an embedding, not CFG).
+unconditional = the encoding of "" (the CFG branch of a teacher without a guidance embedder).
 
 Packing: a latent (B, C, h, w) becomes (B, h/2·w/2, 4C) tokens, token (i, j) holding the 2×2 patch
 [c, 2i+a, 2j+b] at channel 4c + 2a + b; img_ids (h/2·w/2, 3) = (0, i, j). The transformer takes σ (it multiplies
@@ -15,6 +17,7 @@ docs/method.md, decision 4: the student G and fake score F are the teacher's tra
 """
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
@@ -79,6 +82,9 @@ _TINY = TinyTeacher(
     scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                    base_image_seq_len=256, max_image_seq_len=4096),
 )
+#: the tiny de-distilled FLUX teacher (``senseflow tiny --kind flux-dedistilled``): the same without the guidance
+#: embedder, guided by classifier-free guidance (``method.*.guidance.kind: cfg``)
+_TINY_DEDISTILLED = dataclasses.replace(_TINY, denoiser=dict(_TINY.denoiser, guidance_embeds=False))
 
 
 class FluxFamily(DiffusersFamily):
@@ -97,10 +103,11 @@ class FluxFamily(DiffusersFamily):
                       "t5_v1_1_xxl_encoder"),
     )
     guidance_kind = "embedding"   # FLUX.1-dev's distilled guidance input, not CFG
+    guidance_kinds = ("embedding", "cfg")  # cfg: a de-distilled teacher, without the guidance embedder
     schedule_kind = "flow"
     inference_flags = ("flux_ckpt", "dit_config")
     public_vae = "flux_vae"
-    tiny_teachers = MappingProxyType({"flux": _TINY})
+    tiny_teachers = MappingProxyType({"flux": _TINY, "flux-dedistilled": _TINY_DEDISTILLED})
     #: the transformer's timestep argument is σ itself
     timestep_scale = 1.0
     #: docs/method.md decision 4: G and F have no distilled-guidance embedding
@@ -122,6 +129,15 @@ class FluxFamily(DiffusersFamily):
                              f"{denoiser['attention_head_dim']}")
         return dict(in_channels=4 * latent_channels, out_channels=None, joint_attention_dim=int(text["t5"]["d_model"]),
                     pooled_projection_dim=int(text["clip_l"]["hidden_size"]), guidance_embeds=True)
+
+    @classmethod
+    def teacher_guidance(cls, denoiser_config: Mapping[str, Any]) -> tuple[str, str]:
+        """``embedding`` for a guidance-distilled transformer (``guidance_embeds: true``, FLUX.1-dev), ``cfg`` for
+        one without a guidance embedder (a de-distilled FLUX)."""
+        if denoiser_config.get("guidance_embeds", False):
+            return "embedding", "has a guidance embedder (guidance_embeds: true): a guidance-distilled teacher"
+        return "cfg", ("has no guidance embedder (guidance_embeds is not true): a de-distilled teacher takes "
+                       "classifier-free guidance")
 
     @classmethod
     def block_types(cls) -> tuple[type, ...]:
@@ -255,9 +271,21 @@ class FluxFamily(DiffusersFamily):
         )[0]
         return unpack_latents(out, h, w).to(x.dtype)
 
-    def guided_predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: Tensor | float) -> Tensor:
-        """FLUX.1-dev guidance: the distilled-guidance embedding set to ``scale`` (no CFG, one forward)."""
-        if not self.has_guidance_embedding(net):
-            raise ValueError("flux: guided_predict needs a guidance-distilled transformer (guidance_embeds=True); "
-                             "the student has none (docs/method.md, decision 4)")
+    def guided_predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: Tensor | float,
+                       kind: str | None = None) -> Tensor:
+        """``embedding`` (FLUX.1-dev): the distilled-guidance embedding set to ``scale``, one forward.
+        ``cfg`` (a de-distilled teacher): v_u + s·(v_c − v_u) from the conditional and the empty-prompt branch
+        (:meth:`cfg_predict`). ``kind`` None is this teacher folder's kind; each kind needs its transformer:
+        ``embedding`` one with a guidance embedder, ``cfg`` one without."""
+        kind = self._guidance_kind(kind)
+        embedded = self.has_guidance_embedding(net)
+        if kind == "cfg":
+            if embedded:
+                raise ValueError("flux: guidance kind 'cfg' needs a transformer without a guidance embedder; this "
+                                 "one is guidance-distilled (guidance_embeds=True): use guidance kind 'embedding'")
+            return self.cfg_predict(net, x, tau, cond, scale)
+        if not embedded:
+            raise ValueError("flux: guidance kind 'embedding' needs a guidance-distilled transformer "
+                             "(guidance_embeds=True); a de-distilled teacher takes guidance kind 'cfg', and the "
+                             "student has no guidance input (docs/method.md, decision 4)")
         return self.predict(net, x, tau, cond, guidance=scale)

@@ -161,6 +161,8 @@ class DiffusersFamily(TeacherFamily):
         self.scheduler_config = read_json(self.path / "scheduler" / "scheduler_config.json")
         self.vae_config = read_json(self.path / "vae" / "config.json")
         self.denoiser_config = read_json(self.path / self.denoiser_subfolder / "config.json")
+        #: the guidance kind of this teacher folder (FLUX: ``cfg`` when its transformer has no guidance embedder)
+        self.guidance_kind = self.teacher_guidance(self.denoiser_config)[0]
         self._vae: nn.Module | None = None
         self._text: dict[str, Any] | None = None
         self._uncond: Condition | None = None
@@ -325,8 +327,21 @@ class DiffusersFamily(TeacherFamily):
         return self.unconditional(len(cond))
 
     # ---- guidance ------------------------------------------------------------------------------------------
-    def guided_predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: Tensor | float) -> Tensor:
-        """The teacher's guided prediction: classifier-free guidance (:meth:`cfg_predict`)."""
+    def _guidance_kind(self, kind: str | None) -> str:
+        """``kind`` (None: this teacher's :attr:`guidance_kind`), refused unless one of :attr:`guidance_kinds`."""
+        kind = self.guidance_kind if kind is None else kind
+        if kind not in self.guidance_kinds:
+            raise ValueError(f"{self.name}: guidance kind {kind!r} is not one of the family's "
+                             f"({', '.join(self.guidance_kinds)})")
+        return kind
+
+    def guided_predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: Tensor | float,
+                       kind: str | None = None) -> Tensor:
+        """The teacher's guided prediction: classifier-free guidance (:meth:`cfg_predict`), the one kind a
+        family guides with unless it declares more (:attr:`guidance_kinds`)."""
+        kind = self._guidance_kind(kind)
+        if kind != "cfg":
+            raise ValueError(f"{self.name}: guidance kind {kind!r} needs the family's own guided_predict")
         return self.cfg_predict(net, x, tau, cond, scale)
 
     def cfg_predict(self, net: nn.Module, x: Tensor, tau: Tensor, cond: Condition, scale: Tensor | float) -> Tensor:
