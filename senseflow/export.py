@@ -21,6 +21,13 @@
 * ``README.md`` with the exact pipeline call and ``senseflow_export.json`` (family, steps, anchors, pipeline
   keyword arguments, source checkpoint).
 
+With ``--lora-rank R`` the folder holds the student as a LoRA on the teacher instead of the full weights
+(:mod:`senseflow.lora_export`: truncated SVD of W_student − W_teacher per linear and convolution layer):
+``pytorch_lora_weights.safetensors`` for ``<Pipeline>.from_pretrained(teacher).load_lora_weights(folder)``,
+``lora_report.json`` (relative error per layer and overall), the exported scheduler config when it differs from the
+teacher's (SDXL), ``senseflow_export.json`` and a README with that call. Changed parameters that the family's LoRA
+loader cannot take (e.g. normalisation weights of SDXL and SD3.5) are refused unless ``--lora-drop-rest``.
+
 The folder is written under a temporary name beside ``--out`` and renamed when complete; a non-empty ``--out`` is
 refused (exit 2) unless ``--overwrite``.
 """
@@ -37,19 +44,33 @@ from typing import Any, Sequence
 import torch
 
 from senseflow.checkpoint_io import (
+    StudentSource,
+    check_keys,
     check_student_keys,
     checked_student_config,
+    checkpoint_shapes,
+    empty_model,
     load_student,
     read_json,
+    read_state_dict,
     resolve_student_source,
 )
 from senseflow.core.dtypes import CLI_DTYPES as _DTYPES
 from senseflow.inference import UsageError, UsageParser, check_teacher_folder
+from senseflow.lora_export import (
+    LORA_REPORT_NAME,
+    LORA_WEIGHT_NAME,
+    extra_full_keys,
+    extract_lora,
+    lora_state_dict,
+    teacher_tensors,
+    unfusable_layers,
+    write_lora,
+)
 from senseflow.models.families import family_names, get_family
 from senseflow.quiet import quiet_libraries
 
-__all__ = ["pipeline_kwargs", "readme_text", "export", "main_export"]
-
+__all__ = ["pipeline_kwargs", "readme_text", "lora_readme_text", "export", "main_export"]
 
 
 def _family(family: str) -> Any:
@@ -90,6 +111,75 @@ image.save("fox.png")
 This call runs the deterministic Euler sampler ("Ours (Euler)", SenseFlow's docs/method.md §16.3). The stochastic
 sampler ("Ours") re-noises between steps: run the SenseFlow inference script with this folder as both the teacher
 folder and `--checkpoint` (its default `--sampler` is `stochastic`).
+"""
+
+
+def lora_readme_text(
+    family: str,
+    steps: int,
+    out_name: str,
+    source: str,
+    teacher: str,
+    overrides: dict[str, Any],
+    scheduler_class: str | None,
+    summary: str,
+    unfusable: Sequence[str] = (),
+) -> str:
+    """README.md of a LoRA export: the stock call that loads the teacher and this LoRA.
+
+    ``overrides``: config values of the student's denoiser that differ from the teacher's (FLUX.1-dev: no guidance
+    embedding), which the call passes when it loads the teacher's denoiser; ``scheduler_class``: the class of the
+    folder's ``scheduler/`` when the export replaces the teacher's scheduler (SDXL), else ``None``; ``unfusable``:
+    layers whose LoRA carries a bias that their base lacks (``fuse_lora`` is then not possible)."""
+    fam = _family(family)
+    pipe, sub, denoiser = fam.pipeline_class_name, fam.denoiser_subfolder, fam.denoiser_class_name
+    args = ", ".join(f"{k}={v!r}" for k, v in pipeline_kwargs(family, steps).items())
+    imports = [pipe]
+    lines = []
+    if overrides:
+        imports.append(denoiser)
+        extra = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        lines.append(f'{sub} = {denoiser}.from_pretrained(teacher, subfolder="{sub}", {extra}, '
+                     "torch_dtype=torch.bfloat16)")
+        lines.append(f"pipe = {pipe}.from_pretrained(teacher, {sub}={sub}, torch_dtype=torch.bfloat16).to(\"cuda\")")
+    else:
+        lines.append(f'pipe = {pipe}.from_pretrained(teacher, torch_dtype=torch.bfloat16).to("cuda")')
+    lines.append(f'pipe.load_lora_weights("{out_name}")')
+    if scheduler_class:
+        imports.append(scheduler_class)
+        lines.append(f'pipe.scheduler = {scheduler_class}.from_pretrained("{out_name}", subfolder="scheduler")')
+    call = "\n".join(lines)
+    why = ""
+    if overrides:
+        why += (f"\nThe student's `{sub}` differs from the teacher's config in {', '.join(sorted(overrides))}; "
+                f"loading the teacher's `{sub}` with these values drops the weights the student does not have.\n")
+    if scheduler_class:
+        why += ("\n`scheduler/` holds the scheduler with which the pipeline runs the SenseFlow Euler sampler on the "
+                "training anchors.\n")
+    fuse = ""
+    if unfusable:
+        fuse = (f"\nThis LoRA stores bias changes as `lora_B` biases, and layers without a bias of their own "
+                f"({len(unfusable)}, e.g. `{unfusable[0]}`) cannot take them into their weights: use it unfused "
+                "(`pipe.fuse_lora()` is not possible).\n")
+    return f"""# SenseFlow {steps}-step student ({family}) as a LoRA
+
+Exported by `senseflow export --lora-rank` from `{source}`: the student's difference from the teacher
+`{teacher}`, factorised by a truncated SVD per layer into `{LORA_WEIGHT_NAME}`
+(diffusers format). `{LORA_REPORT_NAME}` lists the relative error of every layer:
+
+    {summary}
+
+```python
+import torch
+from diffusers import {", ".join(imports)}
+
+teacher = "{teacher}"
+{call}
+image = pipe("a photo of a red fox in the snow", {args}).images[0]
+image.save("fox.png")
+```
+{why}{fuse}
+{fam.export_readme_note}
 """
 
 
@@ -152,13 +242,21 @@ def export(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     copy: bool = False,
+    lora_rank: int | None = None,
+    lora_drop_rest: bool = False,
 ) -> Path:
-    """Write the exported folder (see the module docstring); returns ``out``. Inputs are checked before any
-    weight is read; raises FileExistsError / FileNotFoundError / ValueError."""
+    """Write the exported folder (see the module docstring); returns ``out``. With ``lora_rank`` the folder holds a
+    LoRA of that rank instead of the full student (:func:`_write_lora_folder`). Inputs are checked before any
+    weight is read (a LoRA export then refuses changed parameters its file cannot hold, before writing anything);
+    raises FileExistsError / FileNotFoundError / ValueError."""
     if family not in family_names():
         raise ValueError(f"--family {family!r} is unknown (expected one of: {', '.join(family_names())})")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
+    if lora_rank is not None and lora_rank < 1:
+        raise ValueError(f"--lora-rank must be a positive integer, got {lora_rank}")
+    if lora_drop_rest and lora_rank is None:
+        raise ValueError("--lora-drop-rest applies to a LoRA export only: pass --lora-rank too")
     fam = get_family(family)
     call_kwargs = fam.export_pipeline_kwargs(steps)
     teacher, out = Path(teacher), Path(out)
@@ -174,6 +272,12 @@ def export(
     sched = fam.export_scheduler_config(teacher_sched)
     source = resolve_student_source(checkpoint)
     check_student_keys(source, config, fam, f"the {family} student ({cfg_path})")
+    if lora_rank is not None:
+        teacher_keys = checkpoint_shapes(StudentSource("diffusers", teacher / sub))
+        expected = {k: tuple(v.shape) for k, v in empty_model(config, fam.denoiser_class_name).state_dict().items()}
+        check_keys(expected, teacher_keys, f"the {family} student ({cfg_path})", fam.student_ignore_prefixes)
+        return _write_lora_folder(teacher, checkpoint, source, fam, config, teacher_sched, sched, out, steps, dtype,
+                                  lora_rank, lora_drop_rest)
 
     quiet_libraries()
     student = load_student(source, config, dtype=dtype, ignore_prefixes=fam.student_ignore_prefixes,
@@ -207,6 +311,83 @@ def export(
     return out
 
 
+def _write_lora_folder(
+    teacher: Path,
+    checkpoint: Path | str,
+    source: StudentSource,
+    fam: Any,
+    config: dict[str, Any],
+    teacher_sched: dict[str, Any],
+    sched: dict[str, Any],
+    out: Path,
+    steps: int,
+    dtype: torch.dtype | None,
+    rank: int,
+    drop_rest: bool,
+) -> Path:
+    """The LoRA export (module docstring): extract, refuse what cannot be stored unless ``drop_rest``, then write
+    the folder atomically like the full export."""
+    import diffusers
+
+    quiet_libraries()
+    pipeline_class = getattr(diffusers, fam.pipeline_class_name)
+    sub = fam.denoiser_subfolder
+    model = empty_model(config, fam.denoiser_class_name)
+    student = read_state_dict(source)
+    with teacher_tensors(teacher / sub) as teacher_tensor:
+        extraction = extract_lora(model, teacher_tensor, student, rank, extra_full_keys(pipeline_class), dtype)
+    del student
+    if not extraction.entries:
+        raise ValueError(f"--checkpoint {checkpoint} equals the teacher's {sub}: there is no change to export as a "
+                         "LoRA")
+    if extraction.dropped and not drop_rest:
+        names = [e.name for e in extraction.dropped]
+        share = extraction.overall()["dropped_share"]
+        plural = "s" if len(names) != 1 else ""
+        listed = ", ".join(names[:2]) + (", …" if len(names) > 2 else "")
+        raise ValueError(
+            f"--lora-rank: {len(names)} changed parameter{plural} cannot be stored in a {fam.pipeline_class_name} "
+            f"LoRA file ({listed}; {share:.3g} of the student's change by norm): "
+            "pass --lora-drop-rest to leave them out, or export the full weights without --lora-rank"
+        )
+    state, metadata = lora_state_dict(model, extraction)
+    teacher_config = read_json(teacher / sub / "config.json")
+    overrides = {k: v for k, v in fam.student_overrides.items() if teacher_config.get(k) != v}
+    unfusable = unfusable_layers(model)
+    summary = extraction.summary()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_lora(tmp, pipeline_class, sub, state, metadata)
+        scheduler_class = None
+        if sched != teacher_sched:
+            (tmp / "scheduler").mkdir()
+            (tmp / "scheduler" / "scheduler_config.json").write_text(
+                json.dumps(sched, indent=2, sort_keys=True) + "\n")
+            scheduler_class = str(sched["_class_name"])
+        (tmp / LORA_REPORT_NAME).write_text(json.dumps(dict(extraction.report(), summary=summary), indent=2) + "\n")
+        meta = {
+            "family": fam.name,
+            "steps": steps,
+            "pipeline": fam.pipeline_class_name,
+            "pipeline_kwargs": fam.export_pipeline_kwargs(steps),
+            "checkpoint": str(checkpoint),
+            "teacher": str(teacher),
+            "lora": {"rank": rank, "weights": LORA_WEIGHT_NAME, "denoiser_overrides": overrides,
+                     "scheduler": "scheduler" if scheduler_class else None, "fusable": not unfusable},
+        }
+        (tmp / "senseflow_export.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(lora_readme_text(
+            fam.name, steps, str(out.resolve()), str(checkpoint), str(teacher.resolve()), overrides, scheduler_class,
+            summary, unfusable))
+        _publish_permissions(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def main_export(argv: Sequence[str] | None = None) -> int:
     """``senseflow export``: returns 0, or 2 with a one-line error on stderr for bad input."""
     p = UsageParser(prog="senseflow export", description="Write a distilled student as a complete diffusers folder "
@@ -222,18 +403,27 @@ def main_export(argv: Sequence[str] | None = None) -> int:
                    help="weights of the exported student: auto (as stored), fp32, bf16, fp16")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--copy", action="store_true", help="copy the teacher's files instead of hard-linking them")
+    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="write the student as a rank-R LoRA on the teacher (truncated SVD of its difference from the "
+                        "teacher; pytorch_lora_weights.safetensors for load_lora_weights) instead of full weights")
+    p.add_argument("--lora-drop-rest", action="store_true",
+                   help="with --lora-rank: leave out changed parameters the LoRA file cannot hold (e.g. norm weights; "
+                        "listed in lora_report.json) instead of refusing")
     try:
         args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
         if args.dtype not in _DTYPES:
             raise UsageError(f"--dtype {args.dtype!r} is not one of {', '.join(_DTYPES)}")
         out = export(args.teacher, args.checkpoint, args.family, args.out, steps=args.steps, overwrite=args.overwrite,
-                     dtype=_DTYPES[args.dtype], copy=args.copy)
+                     dtype=_DTYPES[args.dtype], copy=args.copy, lora_rank=args.lora_rank,
+                     lora_drop_rest=args.lora_drop_rest)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (UsageError, FileExistsError, FileNotFoundError, ValueError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"senseflow export: error: {msg}", file=sys.stderr)
         return 2
+    if args.lora_rank is not None:
+        print(read_json(out / LORA_REPORT_NAME)["summary"])
     print(f"exported to {out}")
     return 0
 
