@@ -7,21 +7,43 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import senseflow.quiet  # noqa: F401  (installs the torchvision-notice filter before transformers loads)
 
+#: set by tools/launch.sh for the torchrun workers once its own ``senseflow train --preflight`` has passed
+PREFLIGHT_DONE_ENV = "SENSEFLOW_PREFLIGHT_DONE"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors (missing or unknown flags, bad choices) are one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
+
 
 def main_train(argv: Sequence[str]) -> int:
-    """``senseflow train --trainer NAME --config_path YAML --save_path DIR [--dry-run] [key=value ...]``."""
+    """``senseflow train --trainer NAME --config_path YAML --save_path DIR [--dry-run | --preflight] [key=value ...]``.
+
+    Before any network loads, the config is loaded and validated, its paths checked and the pre-flight run
+    (:mod:`senseflow.trainer.preflight`: data set, save folder, lock, ``checkpoints/latest`` and the checkpoint's fit
+    with the config); ``--preflight`` stops there. In a torchrun worker the pre-flight runs on global rank 0 only,
+    and not at all when tools/launch.sh ran it already.
+    """
+    import os
+
     from senseflow.config import load_config, resolved_yaml, validate_paths
     from senseflow.trainer import TRAINERS, get_trainer
 
-    p = argparse.ArgumentParser(prog="senseflow train", description="Distil a teacher with SenseFlow / DMD2.")
+    p = _Parser(prog="senseflow train", description="Distil a teacher with SenseFlow / DMD2.")
     p.add_argument("--trainer", required=True, choices=sorted(TRAINERS))
     p.add_argument("--config_path", "--config", dest="config_path", required=True, help="YAML preset")
     p.add_argument("--save_path", "--save", dest="save_path", help="run folder (checkpoints, logs, previews)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    mode.add_argument("--preflight", action="store_true",
+                      help="run only the checks made before any network loads (config, paths, data set, save folder, "
+                           "checkpoint) and exit: 0 when training would start")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.gd=10 train.iterations=100")
     args = p.parse_args(argv)
     cfg = load_config(args.config_path, list(args.overrides))
@@ -31,8 +53,26 @@ def main_train(argv: Sequence[str]) -> int:
     if not args.save_path:
         raise_user_error("--save_path is required unless --dry-run is given")
     validate_paths(cfg)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if args.preflight or (rank == 0 and os.environ.get(PREFLIGHT_DONE_ENV) != "1"):
+        from senseflow.trainer.preflight import preflight
+
+        report = preflight(cfg, args.save_path, args.trainer)
+        if args.preflight:
+            print(report.summary(args.save_path))
+            return 0
     trainer_cls = get_trainer(args.trainer)
-    trainer_cls(cfg, args.save_path).run()
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        trainer_cls(cfg, args.save_path).run()
+    except CheckpointException as err:  # a BaseException, raised by DCP where the trainer does not say more itself
+        from senseflow.trainer.checkpoint import dcp_failure
+
+        if rank != 0:
+            return 2  # rank 0 says why
+        raise UserError(f"--save_path {args.save_path}: a checkpoint could not be read or written "
+                        f"({dcp_failure(err)})") from None
     return 0
 
 

@@ -11,6 +11,11 @@ fi
 TRAINER=$1; NNODES=$2; NPROC=$3; CONFIG=$4; SAVE_DIR=$5
 shift 5
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Every check that needs no network, once, in a plain process: a bad input ends in its one line and exit code 2
+# here, not inside torchrun's report. The workers then skip it (senseflow/trainer/preflight.py).
+"${PYTHON:-python}" -m senseflow.cli train --preflight --trainer "$TRAINER" --config_path "$CONFIG" \
+    --save_path "$SAVE_DIR" "$@"
+export SENSEFLOW_PREFLIGHT_DONE=1
 export PYTHONFAULTHANDLER=1
 exec torchrun \
     --nnodes "$NNODES" --nproc_per_node "$NPROC" \

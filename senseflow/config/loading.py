@@ -32,19 +32,32 @@ __all__ = ["load_structured", "load_config"]
 
 
 def _suggest(name: str, cls: type, prefix: str, schema: type) -> str:
-    """A ' (did you mean ...?)' hint: a sibling key first, then the same name elsewhere, then any close key."""
+    """A ' (did you mean ...?)' hint for the unknown key ``prefix + name``: a close sibling first, then the same name
+    in another section, then keys elsewhere whose name is close or starts like it (never a section the key already
+    sits in), else the valid keys of its section."""
     siblings = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{prefix}{close[0]}'?)"
     all_keys = schema_keys(schema)
     sections = sorted({k.rsplit(".", i)[0] for k in all_keys for i in range(1, k.count(".") + 1)})
-    candidates = all_keys + sections
+    enclosing = {prefix[:i].rstrip(".") for i in range(len(prefix) + 1) if prefix[:i].endswith(".")}
+    candidates = [k for k in all_keys + sections if k not in enclosing]
     same_leaf = [k for k in candidates if k.rsplit(".", 1)[-1] == name]
     if same_leaf:
         return f" (did you mean '{same_leaf[0]}'?)"
-    close = difflib.get_close_matches(prefix + name, candidates, n=1, cutoff=0.6)
-    if close:
+    leaf_of = {k: k.rsplit(".", 1)[-1] for k in candidates}
+    close_leaves = set(difflib.get_close_matches(name, list(leaf_of.values()), n=3, cutoff=0.75))
+    stem = name.rstrip("_")[:-1] if len(name) > 2 else name  # 'lrr' -> 'lr': a typed extra character
+    similar = [k for k, leaf in leaf_of.items()
+               if leaf in close_leaves or (len(stem) >= 2 and leaf.split("_")[0] in (name, stem))]
+    if similar:
+        if len(similar) == 1:
+            return f" (did you mean '{similar[0]}'?)"
+        more = ", ..." if len(similar) > 3 else ""
+        return f" (did you mean one of {', '.join(repr(k) for k in similar[:3])}{more}?)"
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6) if not prefix else []
+    if close:  # a mistyped section name
         return f" (did you mean '{close[0]}'?)"
     where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
     return f" (valid keys {where}: {', '.join(siblings)})"
@@ -156,13 +169,18 @@ def load_structured(path: str | os.PathLike, overrides: Sequence[str], schema: t
     layers = _layers(Path(path))
     layers += [(f"command-line override '{item}'", _parse_override(item, schema)) for item in overrides]
     sources: dict[str, str] = {}
-    merged = OmegaConf.structured(schema)
-    for label, data in layers:
-        _check_keys(data, schema, "", label, sources, schema)
-        try:
-            merged = OmegaConf.merge(merged, data)
-        except OmegaConfBaseException as exc:
-            raise _type_error(label, exc, schema) from exc
+    try:  # every layer at once (one copy of the schema instead of one per layer) ...
+        for label, data in layers:
+            _check_keys(data, schema, "", label, sources, schema)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *(data for _, data in layers))
+    except (ConfigError, OmegaConfBaseException):  # ... and layer by layer to report the first problem
+        sources, merged = {}, OmegaConf.structured(schema)
+        for label, data in layers:
+            _check_keys(data, schema, "", label, sources, schema)
+            try:
+                merged = OmegaConf.merge(merged, data)
+            except OmegaConfBaseException as exc:
+                raise _type_error(label, exc, schema) from exc
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         key = missing[0]

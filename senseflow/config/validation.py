@@ -7,6 +7,7 @@ several keys. Every failure is a one-line :class:`ConfigError` naming the key, i
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import typing
 from dataclasses import dataclass
@@ -234,13 +235,33 @@ def _validate_schedule(cfg: SenseFlowConfig, need: Callable[[bool, str, str], No
              f"a margin that leaves a mid-point inside segment {k} ({ends[k]:g} -> {ends[k + 1]:g})")
 
 
+def _missing_components(teacher: Path) -> list[str]:
+    """The component folders of a diffusers teacher that are absent: ``vae/config.json`` (every family encodes and
+    decodes with it) and the folder of every component its ``model_index.json`` names."""
+    needed = ["vae"]
+    try:
+        index = json.loads((teacher / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    if isinstance(index, dict):  # "name": ["library", "Class"] per component; null for an absent optional one
+        needed += [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[:1] != [None]
+                   and k not in needed]
+    absent = []
+    for name in needed:
+        folder = teacher / name
+        if not folder.is_dir() or (name == "vae" and not (folder / "config.json").is_file()):
+            absent.append(f"{name}/config.json" if name == "vae" else f"{name}/")
+    return absent
+
+
 _PLACEHOLDER_HINT = " (still the preset's placeholder: pass {key}=... on the command line)"
 
 
 def validate_paths(cfg: SenseFlowConfig) -> None:
     """Check every path the run needs exists, before any model loads; one :class:`ConfigError` lists them all.
 
-    teacher.path must be a diffusers folder with ``model_index.json``; teacher.student_path, when set, must exist;
+    teacher.path must be a diffusers folder with ``model_index.json``, ``vae/config.json`` and a folder for every
+    component its ``model_index.json`` lists; teacher.student_path, when set, must exist;
     data.path must exist (a folder for ``lmdb``, a file for ``json``/``jsonl``); with the GAN enabled,
     discriminator.dino_path and clip_path must be local transformers folders with ``config.json``.
     """
@@ -255,6 +276,10 @@ def validate_paths(cfg: SenseFlowConfig) -> None:
         report("teacher.path", cfg.teacher.path, "an existing local diffusers folder")
     elif not (teacher / "model_index.json").is_file():
         report("teacher.path", cfg.teacher.path, "a diffusers folder containing model_index.json (not found)")
+    else:
+        absent = _missing_components(teacher)
+        if absent:
+            report("teacher.path", cfg.teacher.path, f"a diffusers folder with {' and '.join(absent)} (not found)")
     if cfg.teacher.student_path is not None and not Path(cfg.teacher.student_path).exists():
         report("teacher.student_path", cfg.teacher.student_path, "an existing folder (or null)")
 
@@ -262,7 +287,8 @@ def validate_paths(cfg: SenseFlowConfig) -> None:
     if not data.exists():
         report("data.path", cfg.data.path, "an existing dataset (a JSON/JSONL file or an LMDB folder)")
     elif kind == "lmdb" and not data.is_dir():
-        report("data.path", cfg.data.path, "an LMDB folder for data.kind=lmdb")
+        report("data.path", cfg.data.path, "an LMDB folder for data.kind=lmdb (for a JSON or JSONL image set pass "
+               "data.kind=auto)")
     elif kind in ("json", "jsonl") and not data.is_file():
         report("data.path", cfg.data.path, f"a file for data.kind={kind}")
 

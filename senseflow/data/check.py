@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -34,7 +35,7 @@ from senseflow.data.lmdb_latents import (
 )
 from senseflow.data.records import open_records
 
-__all__ = ["Issue", "CheckReport", "check_dataset", "quick_check"]
+__all__ = ["Issue", "CheckReport", "check_dataset", "quick_check", "quick_check_section"]
 
 ERROR, WARNING = "error", "warning"
 
@@ -240,6 +241,19 @@ def check_dataset(
     return report
 
 
+def _refuse_bom(path: Path) -> None:
+    """A JSON or JSONL file must be UTF-8 without a byte-order mark (the JSON standard forbids one)."""
+    if not path.is_file():
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(3)
+    except OSError:
+        return  # reading it fails below with its own message
+    if head == b"\xef\xbb\xbf":
+        raise DataError(f"{path}: starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without a BOM")
+
+
 def quick_check(
     path: str | os.PathLike[str], resolution: int, n_samples: int = 4, vae_scale_factor: int = 8, kind: str = "auto"
 ) -> int:
@@ -249,6 +263,7 @@ def quick_check(
     the record.
     """
     fmt = dataset_format(path) if kind == "auto" else kind
+    _refuse_bom(Path(path))
     ds = open_dataset(path, resolution, kind=fmt, vae_scale_factor=vae_scale_factor)
     if isinstance(ds, LatentLMDBDataset):  # fmt == "lmdb"
         problem = _lmdb_resolution_problem(Path(path), ds.header, resolution, vae_scale_factor)
@@ -262,3 +277,16 @@ def quick_check(
         except BadSampleError as e:
             raise DataError(f"quick check failed: {e}") from None
     return n
+
+
+def quick_check_section(data: Any, vae_scale_factor: int | None = None) -> int:
+    """:func:`quick_check` of a training config's ``data`` section, with the arguments the trainer's start-up check
+    uses (:func:`senseflow.data.training.build_training_data`): path, kind, resolution, the optional
+    ``quick_check_samples`` (default 4), and ``vae_scale_factor`` (the teacher VAE's when given, else the section's,
+    default 8). Returns the record count."""
+    def get(name: str, default: Any) -> Any:
+        return data.get(name, default) if hasattr(data, "get") else getattr(data, name, default)
+
+    factor = vae_scale_factor or int(get("vae_scale_factor", 8))
+    return quick_check(str(data.path), int(data.resolution), int(get("quick_check_samples", 4)), factor,
+                       str(get("kind", "auto")))

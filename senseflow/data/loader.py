@@ -8,10 +8,14 @@
   continue the epoch without repeating or skipping a sample. It stops training with a ``RuntimeError`` once more
   than ``max_bad_samples`` distinct bad records have been met.
 * :func:`infinite_batches` loops over epochs (each epoch reshuffled) forever.
+* Loader worker processes leave stopping to the trainer (:func:`leave_stop_to_trainer`), which stops cleanly at the
+  end of an iteration on SIGTERM or Ctrl-C (:mod:`senseflow.trainer.stop`).
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -22,7 +26,7 @@ from senseflow.data.sampler import ResumableDistributedSampler
 from senseflow.data.seeding import mix_seed
 
 __all__ = ["MapDataset", "RobustDataset", "ResumableDataLoader", "build_dataloader", "infinite_batches",
-           "BAD_INDICES_KEY"]
+           "BAD_INDICES_KEY", "leave_stop_to_trainer"]
 
 
 class MapDataset(Protocol):
@@ -96,6 +100,20 @@ def _batch_size(batch: Any) -> int:
     raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
 
 
+def leave_stop_to_trainer(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loader: the worker ignores SIGINT and leaves the trainer's process group.
+
+    A terminal's Ctrl-C and torchrun's stop signal (sent to the trainer's whole process group) would otherwise end
+    the worker mid-iteration and the trainer with "DataLoader worker exited unexpectedly", instead of letting it
+    finish the iteration and save. The worker still ends when the trainer closes the loader (torch's own SIGTERM
+    from the parent) or dies. A signal that reaches a worker before this function runs (while it starts: at the
+    first batch, and each epoch when ``persistent_workers`` is off) still ends it and the trainer with it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+
+
 class ResumableDataLoader:
     """A ``DataLoader`` over :class:`RobustDataset` and :class:`ResumableDistributedSampler` that knows its position.
 
@@ -127,6 +145,7 @@ class ResumableDataLoader:
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs["persistent_workers"] = persistent_workers
+            kwargs["worker_init_fn"] = leave_stop_to_trainer
             if prefetch_factor is not None:
                 kwargs["prefetch_factor"] = prefetch_factor
         self.loader = DataLoader(

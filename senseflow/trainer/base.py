@@ -10,7 +10,9 @@ Per iteration ``it`` (counting from 1):
    modules held without gradient), then the replicated gradients are averaged over ranks, the global norm clipped,
    the optimiser stepped and the post-step hooks run; when not due its loss callable still runs (it may produce what
    later players read) without a backward; its LR scheduler steps once per iteration either way;
-3. log (losses averaged over the ranks), preview and checkpoint on their periods.
+3. log (losses averaged over the ranks), preview and checkpoint on their periods;
+4. stop if SIGTERM or Ctrl-C asked to (every rank at the same iteration): checkpoint unless step 3 just did, print
+   how to resume, exit with 128 + the signal number (:mod:`senseflow.trainer.stop`).
 
 The trainer computes no loss and names no player: the method (:class:`~senseflow.method.distillation.Distillation`)
 declares them; the method's attributes (its networks, for scripts and tests) read through the trainer.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +44,7 @@ from senseflow.quiet import quiet_libraries
 from senseflow.trainer.checkpoint import (
     TEST_KILL_AT_ENV,
     Checkpointer,
+    CheckpointNotSaved,
     CheckpointRefused,
     init_optimizer_state,
     kill_if_requested,
@@ -48,6 +52,7 @@ from senseflow.trainer.checkpoint import (
 )
 from senseflow.trainer.logger import RunLogger, rewind_metrics
 from senseflow.trainer.run_lock import RunLock, exit_with_launcher, lock_run_folder
+from senseflow.trainer.stop import StopOnSignal, stop_line
 
 #: debug: gather and compare the shared decisions of every iteration across ranks (always done for the first one)
 CHECK_DECISIONS_ENV = "SENSEFLOW_DEBUG_CHECK_DECISIONS"
@@ -99,19 +104,20 @@ class DistillationTrainer:
         self.shard_opts = self._shard_options()
         self._decisions_checked = False
         self.run_lock = lock_run_folder(self.run_dir, self.info)  # rank 0 holds it; every rank stops if refused
-        if self.info.is_main:
-            save_resolved(cfg, self.run_dir)
         sfdist.barrier()
         self.method = Distillation(cfg, Runtime(self.info, self.shard_opts, self.autocast))
         self.players: list[Player] = self.method.players
         for p in self.players:  # state exists before any checkpoint touches it (see init_optimizer_state)
             init_optimizer_state(p.optimizer)
-        self.data = build_training_data(
-            cfg.data, int(cfg.train.batch_size), int(cfg.experiment.seed), self.info.rank, self.info.world_size
+        self.data = build_training_data(  # with the teacher: its VAE's latent size and scale factor (§13.2)
+            cfg.data, int(cfg.train.batch_size), int(cfg.experiment.seed), self.info.rank, self.info.world_size,
+            teacher=cfg.teacher,
         )
         self.iteration = 0
         self.checkpointer = Checkpointer(self.run_dir, int(cfg.train.keep_last), self.info.rank, resolved_yaml(cfg))
         self._resume()
+        if self.info.is_main:  # once nothing refused the run: a refused re-run leaves the run's config.yaml as it was
+            save_resolved(cfg, self.run_dir)
 
     @property
     def samples_per_iteration(self) -> int:
@@ -146,7 +152,9 @@ class DistillationTrainer:
         return player_parts(self.players, self.method.extra_state())
 
     def save(self) -> Path:
-        """Checkpoint the run (every rank; see :mod:`senseflow.trainer.checkpoint` for the layout)."""
+        """Checkpoint the run (every rank; see :mod:`senseflow.trainer.checkpoint` for the layout). A save that cannot
+        write its files (disk full) ends the run: rank 0 raises :class:`CheckpointNotSaved` (one line, exit 2 through
+        ``senseflow train``), the other ranks exit 2 quietly."""
         trainer_state = {
             "iteration": self.iteration,
             "world_size": self.info.world_size,
@@ -158,7 +166,13 @@ class DistillationTrainer:
         rank_state = {"rng": self.rng.state_dict(), "torch_rng": torch.get_rng_state()}
         for p in self.players:
             sfdist.reshard(p.module)
-        return self.checkpointer.save(self.iteration, self._parts(), trainer_state, rank_state, self.method.exports)
+        try:
+            return self.checkpointer.save(self.iteration, self._parts(), trainer_state, rank_state,
+                                          self.method.exports)
+        except CheckpointNotSaved:
+            if not self.info.is_main:  # rank 0 says why, in one line
+                raise SystemExit(2) from None
+            raise
 
     def _resume(self) -> None:
         """Continue from ``checkpoints/latest`` if there is one (resuming is running the same command again).
@@ -174,6 +188,8 @@ class DistillationTrainer:
         try:  # only a checkpoint of this run's own folder, and only once it matches the digest the run recorded
             path = self.checkpointer.latest()
             if path is None:
+                if self.info.is_main:  # rows of an earlier attempt killed before its first checkpoint
+                    rewind_metrics(self.run_dir / "metrics.jsonl", 0)
                 return
             state, mine = self.checkpointer.load(path, self._parts())
         except CheckpointRefused:
@@ -259,7 +275,8 @@ class DistillationTrainer:
         logger = RunLogger(self.run_dir, total, self.iteration, self.info.is_main, self.device)
         log_every, save_every = int(cfg.train.log_interval), int(cfg.train.save_interval)
         preview_every = int(cfg.train.preview_interval)
-        try:
+        stopped: tuple[int, Path] | None = None  # (signal, checkpoint) of a clean stop
+        with contextlib.closing(logger), StopOnSignal(announce=self.info.is_main) as stop:
             while self.iteration < total:
                 it = self.iteration + 1
                 t0 = time.perf_counter()
@@ -275,10 +292,15 @@ class DistillationTrainer:
                     logger.scalars(it, logs)
                 if preview_every > 0 and (it % preview_every == 0 or it == total):
                     self.preview(it)
-                if (save_every > 0 and it % save_every == 0) or it == total:
-                    self.save()
-        finally:
-            logger.close()
+                saved = self.save() if (save_every > 0 and it % save_every == 0) or it == total else None
+                if it < total and (signum := stop.agreed(self.device)):
+                    stopped = (signum, saved or self.save())
+                    break
+        if stopped is not None:
+            signum, path = stopped
+            if self.info.is_main:
+                print(stop_line(signum, self.iteration, path), file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
 
     def preview(self, it: int) -> Path | None:
         """The method's sample of the fixed preview prompts as one image grid (written by rank 0)."""

@@ -23,6 +23,13 @@ from the previous complete checkpoint and a half-written one never becomes ``lat
 removed by the next save. The last ``keep_last`` checkpoints are kept (0 = all); older ones are deleted only after
 the new one is complete.
 
+A save that fails to write (a full disk, a quota, any ``OSError`` on any rank: the ranks agree on the outcome after
+each stage of writing) removes its temporary folder, leaves ``latest`` on the previous checkpoint and raises
+:class:`CheckpointNotSaved` on every rank; the message (one line, on rank 0) names the checkpoint, the error, the
+space the save needs and the free space. The space needed is the size of the previous checkpoint when there is one
+(the next holds the same tensors), else the bytes of training-state tensors the save was writing (a lower bound:
+the exported students come on top); the message says which.
+
 Digests: a DCP checkpoint can run code when read (``.metadata`` is a pickle, and DCP ``torch.load``-s non-tensor
 entries without ``weights_only``), so resume reads one only after checking it against what this run wrote. Once
 every file of a checkpoint is complete, the ranks hash them (sha256, each rank a share of the files) and rank 0
@@ -44,9 +51,12 @@ Test-only hooks (environment variables, read at the named point, never set by th
   logging and checkpoint (see :meth:`~senseflow.trainer.base.DistillationTrainer.train`).
 * ``SENSEFLOW_TEST_KILL_IN_SAVE=<it>``: every rank SIGKILLs itself while saving checkpoint ``it``, after all of its
   files are written into the temporary folder and before the rename.
+* ``SENSEFLOW_TEST_DISK_FULL_IN_SAVE=<it>``: while saving checkpoint ``it``, DCP's writer on every rank writes its
+  files and then raises ``OSError(ENOSPC)``, as a disk that fills up during the save would.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -55,13 +65,15 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -70,13 +82,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from senseflow.core.io import atomic_write_text, fsync_file
+from senseflow.core.io import apply_umask, atomic_write_text, fsync_file
 
 if TYPE_CHECKING:
     from senseflow.method.players import Player, Stateful
 
 __all__ = ["Checkpointer", "CheckpointRefused", "ModelState", "OptimizerState", "player_parts", "init_optimizer_state",
-           "digest_path", "record_digest", "kill_if_requested", "TEST_KILL_AT_ENV", "TEST_KILL_IN_SAVE_ENV"]
+           "digest_path", "record_digest", "kill_if_requested", "TEST_KILL_AT_ENV", "TEST_KILL_IN_SAVE_ENV",
+           "CheckpointNotSaved", "format_bytes", "TEST_DISK_FULL_ENV",
+           "dcp_failure"]
 
 _NAME = re.compile(r"^iter_(\d{6,})$")
 TRAINER_STATE = "trainer_state.pt"
@@ -88,6 +102,8 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 TEST_KILL_AT_ENV = "SENSEFLOW_TEST_KILL_AT"
 #: test-only: SIGKILL every rank inside the save of this iteration, after the files are written, before the rename
 TEST_KILL_IN_SAVE_ENV = "SENSEFLOW_TEST_KILL_IN_SAVE"
+#: test-only: DCP's writer raises ENOSPC (after writing its files) in the save of this iteration
+TEST_DISK_FULL_ENV = "SENSEFLOW_TEST_DISK_FULL_IN_SAVE"
 
 
 def kill_if_requested(env_name: str, iteration: int) -> None:
@@ -98,13 +114,83 @@ def kill_if_requested(env_name: str, iteration: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 class CheckpointRefused(ValueError):
     """A checkpoint resume will not read (see "Digests" above); the message is one line."""
+
+
+class CheckpointNotSaved(ValueError):
+    """A save that could not write its files (see "A save that fails" above); the message is one line."""
+
+
+class _DiskFullWriter(FileSystemWriter):
+    """Test-only (``SENSEFLOW_TEST_DISK_FULL_IN_SAVE``): writes every file, then fails as a full disk would."""
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        super().write_data(plan, planner).wait()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people: ``"512 B"``, ``"1.5 KiB"``, ``"12.3 MiB"``, ``"4.0 GiB"``."""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes of the tensors in a nested dict / list (a DTensor counts its local shard)."""
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        return int(local.numel() * local.element_size())
+    return 0
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` behind a failed write: ``exc`` itself, or the first one of any rank that DCP gathered into
+    its ``CheckpointException``."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, CheckpointException):
+        for _, (err, _) in sorted(exc.failures.items()):
+            if isinstance(err, OSError):
+                return err
+    return None
+
+
+def _os_error_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> OSError | None:
+    """Run ``fn``; the ``OSError`` it failed with (also one of DCP's ranks), else None. Other errors propagate."""
+    try:
+        fn(*args, **kwargs)
+    except (Exception, CheckpointException) as e:  # the latter is a BaseException
+        error = _first_os_error(e)
+        if error is None:
+            raise
+        return error
+    return None
+
+
+def _agree(error: OSError | None, written: int = 0) -> tuple[str | None, int]:
+    """Every rank's write outcome on every rank (a collective, also a barrier): the first failing rank's error as
+    text (None: every rank succeeded) and the sum of ``written`` over the ranks."""
+    rank, world = _rank_world()
+    mine = (None if error is None else f"{error}{f' (rank {rank})' if world > 1 else ''}", written)
+    if world == 1:
+        return mine
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    failed = next((text for text, _ in parts if text is not None), None)
+    return failed, sum(n for _, n in parts)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -312,37 +398,84 @@ class Checkpointer:
         ``parts``: stateful parts saved through DCP under their keys (:func:`player_parts`); ``trainer_state``: rank
         0's global state (torch.save-able, identical on every rank); ``rank_state``: this rank's own state;
         ``exports()``: consolidated weights by file name (a collective; only rank 0's are written, as safetensors).
+        A failed write on any rank raises :class:`CheckpointNotSaved` on every rank, with ``latest`` untouched.
         """
         name = f"iter_{iteration:06d}"
         final, tmp = self.root / name, self.root / f".tmp-{name}"
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        _barrier()
-        state = {k: part.state_dict() for k, part in parts.items()}
-        dcp.save(state, checkpoint_id=str(tmp))
-        del state
-        _save_torch(rank_state, tmp / f"rank{self.rank}_state.pt")
-        files = exports()  # collective under FSDP: every rank takes part
-        if self.rank == 0:
-            for file, weights in files.items():
-                save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / file))
-                fsync_file(tmp / file)
-            (tmp / "config.yaml").write_text(self.config_yaml)
-            _save_torch(trainer_state, tmp / TRAINER_STATE)
-        del files
-        _barrier()
+        failed, written = _agree(_os_error_of(self._make_tmp, tmp) if self.rank == 0 else None)
+        if failed is None:  # DCP's own collectives bring every rank's failure to every rank
+            state = {k: part.state_dict() for k, part in parts.items()}
+            disk_full = os.environ.get(TEST_DISK_FULL_ENV, "").strip() == str(iteration)
+            writer = (_DiskFullWriter if disk_full else FileSystemWriter)(str(tmp))
+            error = _os_error_of(dcp.save, state, checkpoint_id=str(tmp), storage_writer=writer)
+            failed, written = _agree(error, _tensor_bytes(state))
+            del state
+        if failed is None:
+            error = _os_error_of(_save_torch, rank_state, tmp / f"rank{self.rank}_state.pt")
+            files = exports()  # collective under FSDP: every rank takes part, also after a failed write of its own
+            if self.rank == 0 and error is None:
+                error = _os_error_of(self._write_main_files, tmp, files, trainer_state)
+            del files
+            failed, _ = _agree(error)
+        if failed is not None:
+            self._give_up(final, tmp, failed, written)
         kill_if_requested(TEST_KILL_IN_SAVE_ENV, iteration)
         # every file is complete: hash them (each rank a share), record the digest, then publish
         names = _from_rank0(sorted(p.name for p in tmp.iterdir() if p.is_file()) if self.rank == 0 else None)
         digests = _hash_files(tmp, names)
+        error = None
         if self.rank == 0:
-            self._publish(tmp, final, _digest_json(final, digests))
-            self._prune(keep=final)
-        _barrier()
+            error = _os_error_of(self._publish, tmp, final, _digest_json(final, digests))
+            if error is None:
+                self._prune(keep=final)
+        failed, _ = _agree(error)
+        if failed is not None:
+            self._give_up(final, tmp, failed, written)
         return final
+
+    def _make_tmp(self, tmp: Path) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+
+    def _write_main_files(self, tmp: Path, files: dict[str, dict[str, torch.Tensor]],
+                          trainer_state: dict[str, Any]) -> None:
+        """Rank 0's files: the exports (safetensors), the config and the trainer state."""
+        for file, weights in files.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / file))
+            apply_umask(tmp / file)  # safetensors creates its file 0600
+            fsync_file(tmp / file)
+        (tmp / "config.yaml").write_text(self.config_yaml)
+        _save_torch(trainer_state, tmp / TRAINER_STATE)
+
+    def _give_up(self, final: Path, tmp: Path, error: str, written: int) -> NoReturn:
+        """After a failed write on any rank: rank 0 removes the temporary folder and says why in one line; every
+        rank raises :class:`CheckpointNotSaved` (``latest`` is untouched)."""
+        if self.rank != 0:
+            raise CheckpointNotSaved(f"checkpoint {final} not saved: {error}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pointer = self.root / "latest"
+        previous = pointer.read_text().strip() if pointer.is_file() else ""
+        if final.exists() and previous != final.name:  # renamed, but its record or ``latest`` failed to write
+            shutil.rmtree(final, ignore_errors=True)
+            digest_path(final).unlink(missing_ok=True)
+        if _NAME.match(previous) and (self.root / previous).is_dir():
+            need = f"about {format_bytes(_folder_bytes(self.root / previous))} (the size of the previous checkpoint)"
+            kept = f"checkpoints/latest still names {previous}"
+        else:
+            need = (f"at least {format_bytes(written)} (the training-state tensors it was writing, without the "
+                    "exported students)")
+            kept = "there is no earlier checkpoint"
+        where = self.root
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        removed = "could not be removed" if tmp.exists() else "is removed"
+        raise CheckpointNotSaved(
+            f"checkpoint {final} not saved: {error}; it needs {need}, {format_bytes(shutil.disk_usage(where).free)} "
+            f"is free there; its temporary folder {tmp.name} {removed} and {kept}; make room, then run the same "
+            "command again"
+        )
 
     def _publish(self, tmp: Path, final: Path, digest: str) -> None:
         """Rename the complete temporary folder into place, record its digest beside it, then move ``latest``
@@ -407,9 +540,10 @@ class Checkpointer:
         state = {k: part.state_dict() for k, part in parts.items()}
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:  # DCP's own message names the key; say which checkpoint and what to check
-            raise RuntimeError(
-                f"checkpoint {path} does not match this run (different networks, optimiser or EMA settings?): {e}"
+        except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException: one line too
+            raise CheckpointRefused(
+                f"checkpoint {path} does not match this run (different networks, optimiser or EMA settings?): "
+                f"{dcp_failure(e)}; resume with the settings that wrote it or use a new save folder"
             ) from e
         for k, part in parts.items():
             part.load_state_dict(state[k])
@@ -417,3 +551,15 @@ class Checkpointer:
         rank_file = path / f"rank{self.rank}_state.pt"
         rank_state = torch.load(rank_file, weights_only=True) if rank_file.name in recorded else None
         return trainer_state, rank_state
+
+
+def dcp_failure(err: BaseException) -> str:
+    """One line saying why DCP failed: the first rank's own error of a ``CheckpointException`` (which is a
+    ``BaseException`` whose text is every rank's traceback), else the first line of ``err``."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            err = inner[0]
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

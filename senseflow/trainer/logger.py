@@ -26,8 +26,9 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: points logged after the checkpoint a resumed run starts from are dropped, not doubled
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
+            # purge_step: points an earlier attempt logged after the checkpoint this run starts from (all of them when
+            # it starts at iteration 0) are dropped, not doubled
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -65,7 +66,9 @@ class RunLogger:
 
 
 def rewind_metrics(path: Path, iteration: int) -> None:
-    """Drop the rows of ``metrics.jsonl`` logged after ``iteration`` by a run that died before its next checkpoint."""
+    """Drop the rows of ``metrics.jsonl`` logged after ``iteration``, the iteration a run resumes from (0: a run
+    killed before its first checkpoint): those iterations run again and are logged again, so the iterations of the
+    file stay strictly increasing. A row cut short by a kill is dropped too."""
     if not path.exists():
         return
 

@@ -13,6 +13,8 @@ when the name exists, as ``O_CREAT | O_EXCL`` would, also on NFS). When the lock
   once that run is over);
 * it names this very process (a second trainer object in one Python process, e.g. a notebook): taken over silently.
 
+:func:`check_run_lock` gives the same answer without writing anything (``senseflow train``'s pre-flight).
+
 Take-overs on one host are serialised by an ``flock`` of the run folder (best effort: where the file system does not
 support it, two processes taking over the same dead lock at the same instant could both proceed). The lock is
 released (removed, if it is still ours) by :meth:`RunLock.release` and at interpreter exit; a killed process leaves
@@ -39,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["LOCK_NAME", "RunFolderBusy", "RunLock", "acquire_run_lock", "exit_with_launcher", "lock_run_folder"]
+__all__ = ["LOCK_NAME", "RunFolderBusy", "RunLock", "acquire_run_lock", "check_run_lock", "exit_with_launcher",
+           "lock_run_folder"]
 
 LOCK_NAME = ".senseflow.lock"
 _PR_SET_PDEATHSIG = 1
@@ -108,6 +111,39 @@ def _read_holder(path: Path) -> dict[str, Any] | None:
     return holder if isinstance(holder, dict) else None
 
 
+def _refusal(run_dir: Path, lock: Path, holder: dict[str, Any] | None) -> str | None:
+    """Why the lock ``holder`` (read from ``lock``) keeps this process out of ``run_dir`` (one line), or None when
+    the lock may be taken over: its holder is gone from this host, or it is this very process."""
+    if holder is None:
+        return f"run folder {run_dir} has a lock file {lock} that is not a senseflow lock; remove it if no run is " \
+               "writing there"
+    host, hpid = holder.get("host"), holder.get("pid")
+    who = f"pid {hpid} on {host} (since {holder.get('started', '?')})"
+    if host != socket.gethostname():
+        return f"run folder {run_dir} is locked by {who}, another host; if that run is over, remove {lock}"
+    if not isinstance(hpid, int) or isinstance(hpid, bool):
+        return f"run folder {run_dir} has a lock file {lock} without a pid; remove it if no run is writing there"
+    if hpid != os.getpid() and _alive(hpid, holder.get("proc_start")):
+        return f"run folder {run_dir} is in use by {who}; stop that run or choose another --save_path"
+    return None
+
+
+def check_run_lock(run_dir: Path | str) -> None:
+    """Raise :class:`RunFolderBusy` when :func:`acquire_run_lock` would refuse ``run_dir`` now; writes nothing (the
+    pre-flight check of ``senseflow train``). A lock that could be taken over passes."""
+    run_dir = Path(run_dir)
+    lock = run_dir / LOCK_NAME
+    if not lock.exists() and not lock.is_symlink():
+        return
+    try:
+        holder = _read_holder(lock)
+    except FileNotFoundError:  # released meanwhile
+        return
+    refusal = _refusal(run_dir, lock, holder)
+    if refusal is not None:
+        raise RunFolderBusy(refusal)
+
+
 @dataclass
 class RunLock:
     """The lock of one run folder, held by this process."""
@@ -146,20 +182,11 @@ def acquire_run_lock(run_dir: Path | str) -> RunLock:
                     holder = _read_holder(lock)
                 except FileNotFoundError:  # released between our attempt and the read: try again
                     continue
-                if holder is None:
-                    raise RunFolderBusy(f"run folder {run_dir} has a lock file {lock} that is not a senseflow lock; "
-                                        "remove it if no run is writing there")
-                host, hpid = holder.get("host"), holder.get("pid")
-                who = f"pid {hpid} on {host} (since {holder.get('started', '?')})"
-                if host != record["host"]:
-                    raise RunFolderBusy(f"run folder {run_dir} is locked by {who}, another host; if that run is over, "
-                                        f"remove {lock}")
-                if not isinstance(hpid, int):
-                    raise RunFolderBusy(f"run folder {run_dir} has a lock file {lock} without a pid; remove it if no "
-                                        "run is writing there")
-                if hpid != pid and _alive(hpid, holder.get("proc_start")):
-                    raise RunFolderBusy(f"run folder {run_dir} is in use by {who}; stop that run or choose another "
-                                        "--save_path")
+                refusal = _refusal(run_dir, lock, holder)
+                if refusal is not None:
+                    raise RunFolderBusy(refusal)
+                hpid = holder.get("pid") if holder is not None else None
+                who = f"pid {hpid} on {record['host']} (since {(holder or {}).get('started', '?')})"
                 if hpid != pid:
                     print(f"[senseflow] run folder {run_dir}: taking over the lock of {who}, which is no longer "
                           "running", file=sys.stderr, flush=True)
