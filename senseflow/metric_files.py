@@ -20,11 +20,14 @@ def save_metric_model(model: nn.Module, config: Any, path: str | Path, fmt: str,
     and ``extra`` (each value JSON); returns the path."""
     from safetensors.torch import save_file
 
+    from senseflow.core.io import apply_umask
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": fmt, "config": json.dumps(asdict(config))}
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    apply_umask(path)  # safetensors writes 0600; the user's umask decides (senseflow.core.io)
     return path
 
 

@@ -215,11 +215,14 @@ def save_fid_inception(model: FIDInceptionV3, path: str | Path) -> Path:
     """Write a safetensors file whose metadata record the format and ``channel_divisor`` (used by tests / demos)."""
     from safetensors.torch import save_file
 
+    from senseflow.core.io import apply_umask
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": _FORMAT, "config": json.dumps({"channel_divisor": model.channel_divisor,
                                                        "num_classes": model.fc.out_features})}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    apply_umask(path)  # safetensors writes 0600; the user's umask decides (senseflow.core.io)
     return path
 
 
