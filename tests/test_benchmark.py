@@ -226,6 +226,12 @@ def test_the_table_compares_each_student_with_the_teachers_sampler_at_equal_and_
             "teacher 4-step Euler + CFG (twice the cost: 15.0)") in table
     assert ("- DMD2: FD-T 30.0, better than teacher 2-step Euler + CFG (same cost: 40.0); not better than "
             "teacher 4-step Euler + CFG (twice the cost: 15.0)") in table
+    # rows on the same sides share a line: their count and FD-T range (names only for a few)
+    rows.append(MethodResult("SenseFlow (seed 1)", 0.9, 16.0, 10.0, 4, 0.01, {"seed": 1}))
+    table = results_markdown(rows, "compositional accuracy")
+    assert ("- 2 student rows (SenseFlow, SenseFlow (seed 1)): FD-T 10.0–12.0, better than teacher 2-step Euler + "
+            "CFG (same cost: 40.0); better than teacher 4-step Euler + CFG (twice the cost: 15.0)") in table
+    assert "- SenseFlow: FD-T" not in table
 
 
 def test_methods_trained_with_several_seeds_get_their_spread_and_a_per_seed_table():

@@ -89,10 +89,11 @@ def seed_spread(results: Sequence[MethodResult], accuracy_name: str = "prompt ac
 def cost_comparison(results: Sequence[MethodResult]) -> list[str]:
     """Each student row (``extra["seed"]`` set) against the teacher rows (``extra["teacher_steps"]`` set): at equal
     cost (the teacher row of the same NFE, with CFG 2 per step) and at the student's own step count (twice its NFE).
-    FD-T lower is better; the lines say which side each comparison falls on."""
+    FD-T lower is better. Rows that fall on the same sides share one line (how many, their FD-T range, and
+    their names when at most three)."""
     teachers = {r.nfe: (r.name, r.fd_teacher) for r in results
                 if "teacher_steps" in r.extra and r.fd_teacher is not None}
-    lines = []
+    groups: dict[str, list[MethodResult]] = {}
     for r in results:
         if "seed" not in r.extra or r.fd_teacher is None:
             continue
@@ -103,7 +104,15 @@ def cost_comparison(results: Sequence[MethodResult]) -> list[str]:
                 side = "better" if r.fd_teacher < t_fdt else "not better"
                 parts.append(f"{side} than {t_name} ({label}: {t_fdt:.1f})")
         if parts:
-            lines.append(f"- {r.name}: FD-T {r.fd_teacher:.1f}, " + "; ".join(parts))
+            groups.setdefault("; ".join(parts), []).append(r)
+    lines = []
+    for verdict, rows in groups.items():
+        if len(rows) == 1:
+            lines.append(f"- {rows[0].name}: FD-T {rows[0].fd_teacher:.1f}, {verdict}")
+        else:
+            fdt = [float(r.fd_teacher) for r in rows if r.fd_teacher is not None]
+            names = f" ({', '.join(r.name for r in rows)})" if len(rows) <= 3 else ""
+            lines.append(f"- {len(rows)} student rows{names}: FD-T {min(fdt):.1f}–{max(fdt):.1f}, {verdict}")
     return ["", "Against the teacher's own few-step sampler (FD-T):", *lines] if lines else []
 
 
