@@ -152,6 +152,33 @@ def test_sigterm_to_the_launcher_stops_after_the_iteration_and_the_same_command_
     assert_same_final_student(run, reference)
 
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker's end with its launcher is Linux-only")
+def test_kill_9_of_the_launcher_group_then_the_same_command_takes_over_and_ends_bit_identical(
+        reference, assets, tmp_path):
+    """The natural "kill, then re-run": SIGKILL to the launcher's whole process group (torchrun and the shell; the
+    worker sits in a process group of its own) leaves no writer behind: the worker ends with its launcher, so the
+    same command takes over the dead lock and ends bit-identical to a run never stopped."""
+    from senseflow.trainer.run_lock import LOCK_NAME
+
+    run = tmp_path / "run"
+    first = Launch(launcher_cmd(run, assets), run)
+    first.wait_for_row(3)
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(timeout=60)
+    holder = json.loads((run / LOCK_NAME).read_text())["pid"]   # the worker that held the folder
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{holder}").exists() and \
+            Path(f"/proc/{holder}/stat").read_text().split()[2] != "Z":
+        time.sleep(0.1)
+    assert not Path(f"/proc/{holder}").exists() or Path(f"/proc/{holder}/stat").read_text().split()[2] == "Z", \
+        "the worker outlived its launcher"
+
+    rc, out, err = Launch(launcher_cmd(run, assets), run).finish()  # the same command again
+    assert rc == 0, err[-3000:]
+    assert "taking over the lock" in out + err
+    assert_same_final_student(run, reference)
+
 def test_a_full_disk_then_ctrl_c_then_the_same_command_ends_bit_identical(reference, assets, tmp_path):
     """One process started without torchrun, three times with the same command line (an environment hook makes the
     disk full in the first): a full disk at the second checkpoint, Ctrl-C, the rest."""
