@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import re
+import runpy
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 
 from dist_runs import REPO, _env, build_assets, train_args
 from senseflow.cli import main as senseflow_main
+from senseflow.inference import SPECS
 from senseflow.trainer.run_lock import LOCK_NAME, RunFolderBusy, acquire_run_lock
 
 TRAINER = "flux_senseflow"
@@ -49,6 +51,22 @@ class _Planted:
 
 def plant(metadata: Path, marker: Path) -> None:
     metadata.write_bytes(pickle.dumps(_Planted(marker)))
+
+
+def planted_run(root: Path, marker: Path) -> tuple[Path, Path]:
+    """``root/run`` whose newest checkpoint holds DCP files only (a planted ``.metadata`` and a dummy shard), as a
+    run folder downloaded from someone else could: (run folder, checkpoint folder)."""
+    ckpt = root / "run" / "checkpoints" / "iter_000010"
+    ckpt.mkdir(parents=True)
+    plant(ckpt / ".metadata", marker)
+    (ckpt / "__0_0.distcp").write_bytes(b"\0" * 64)
+    (ckpt.parent / "latest").write_text(ckpt.name)
+    return root / "run", ckpt
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes: equal before and after a command that changed nothing there."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def dead_pid() -> int:
@@ -107,12 +125,8 @@ def test_a_checkpoint_folder_is_read_only_through_its_safetensors(tmp_path):
     from senseflow import checkpoint_io as cio
 
     marker = tmp_path / "marker"
-    ckpt = tmp_path / "run" / "checkpoints" / "iter_000010"
-    ckpt.mkdir(parents=True)
-    plant(ckpt / ".metadata", marker)
-    (ckpt / "__0_0.distcp").write_bytes(b"\0" * 64)
-    (ckpt.parent / "latest").write_text(ckpt.name)
-    given = (tmp_path / "run", ckpt.parent, ckpt.parent / "latest", ckpt)
+    run, ckpt = planted_run(tmp_path, marker)
+    given = (run, ckpt.parent, ckpt.parent / "latest", ckpt)
     for path in given:  # DCP files only: refused, with one line naming the folder and what was expected
         with pytest.raises(ValueError) as err:
             cio.resolve_student_source(path)
@@ -145,6 +159,74 @@ def test_export_of_a_planted_checkpoint_folder_never_runs_its_pickle(tiny_teache
     assert senseflow_main(argv) == 0
     assert (tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert not marker.exists()
+
+
+#: every inference entry point a user runs (``python scripts_x/...py``), found on disk so a new script is covered too
+INFERENCE_SCRIPTS = sorted(str(p.relative_to(REPO)) for p in REPO.glob("scripts_*/*.py"))
+#: how a script names its inference spec (senseflow/inference.py, SPECS)
+SCRIPT_SPEC = re.compile(r"\bmain\(spec=[\"']([\w-]+)[\"']\)")
+#: the one refusal line's essentials (senseflow/checkpoint_io.py, resolve_student_source)
+EXPECTED = "holds no student_ema.safetensors or student.safetensors"
+
+
+def test_the_inference_scripts_are_found():
+    """The table below covers every script of every family (an empty glob would make it pass vacuously)."""
+    specs = {SCRIPT_SPEC.search((REPO / s).read_text()).group(1) for s in INFERENCE_SCRIPTS}
+    assert specs == set(SPECS), INFERENCE_SCRIPTS
+
+
+@pytest.mark.parametrize("given", ["run folder", "checkpoint folder"])
+@pytest.mark.parametrize("script", INFERENCE_SCRIPTS)
+def test_an_inference_script_given_a_planted_run_never_runs_its_pickle(
+    script, given, tiny_teacher, tmp_path, capsys, monkeypatch
+):
+    """``python scripts_x/...py --<teacher> T --checkpoint <run or its checkpoint>``: exit 2, one line naming the
+    checkpoint folder and the student safetensors it lacks, nothing written, the marker absent."""
+    spec = SPECS[SCRIPT_SPEC.search((REPO / script).read_text()).group(1)]
+    teacher = tiny_teacher(spec.preset)  # the tiny teacher kinds are named as the specs' presets
+    capsys.readouterr()  # building the teacher talks
+    marker = tmp_path / "marker"
+    run, ckpt = planted_run(tmp_path, marker)
+    before = snapshot(tmp_path)
+    out = tmp_path / "out"
+    argv = [f"--{spec.teacher_flag}", str(teacher), "--checkpoint", str(run if given == "run folder" else ckpt),
+            "--output_dir", str(out), "--height", "64", "--width", "64", "--num_prompts", "1"]
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), *argv])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    err = capsys.readouterr().err
+    assert done.value.code == 2, err
+    assert err.count("\n") == 1 and err.startswith(f"{Path(script).name}: error: ") and "Traceback" not in err, err
+    assert f"checkpoint folder {ckpt} {EXPECTED}" in err, err
+    assert not marker.exists()
+    assert not out.exists() and snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("given", ["run folder", "checkpoint folder"])
+def test_eval_given_a_planted_run_never_runs_its_pickle(given, tiny_teacher, tmp_path, capsys):
+    """``senseflow eval`` with ``generation.student.checkpoint`` = a planted run: exit 2, one line naming the
+    checkpoint folder and the student safetensors it lacks, nothing written (not even the prompt set), the marker
+    absent."""
+    import yaml
+
+    teacher = tiny_teacher("flux")
+    capsys.readouterr()
+    marker = tmp_path / "marker"
+    run, ckpt = planted_run(tmp_path, marker)
+    (tmp_path / "prompts.txt").write_text("a red fox in the snow\n")
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "planted", "output_dir": str(tmp_path / "eval_out"),
+        "prompts": {"source": "text", "path": str(tmp_path / "prompts.txt")},
+        "generation": {"teacher": str(teacher), "height": 64, "width": 64, "device": "cpu", "dtype": "fp32",
+                       "student": {"spec": "flux", "checkpoint": str(run if given == "run folder" else ckpt)}}}))
+    before = snapshot(tmp_path)
+    assert senseflow_main(["eval", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("senseflow eval: error: ") and "Traceback" not in err, err
+    assert f"checkpoint folder {ckpt} {EXPECTED}" in err, err
+    assert not marker.exists()
+    assert not (tmp_path / "eval_out").exists() and snapshot(tmp_path) == before
 
 
 # ---- resume: the digest the run recorded ----------------------------------------------------------------------------

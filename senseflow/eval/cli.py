@@ -43,6 +43,7 @@ class EvalOutcome:
 def run_eval(cfg, progress: bool = True, generate_only: bool = False,
              log: Callable[[str], None] | None = None) -> EvalOutcome:
     """Run an evaluation described by an :class:`senseflow.eval.config.EvalConfig`."""
+    from senseflow.checkpoint_io import resolve_student_source
     from senseflow.eval.generate import (
         StudentSettings,
         TeacherSettings,
@@ -58,6 +59,11 @@ def run_eval(cfg, progress: bool = True, generate_only: bool = False,
     from senseflow.models.families import family_names
 
     log = log or (lambda s: print(s, file=sys.stderr))
+    g, s = cfg.generation, cfg.generation.student
+    if s.checkpoint:  # a student that cannot be read safely is refused before anything is written or logged
+        if not s.spec or not g.teacher:
+            raise ValueError("generation.student.checkpoint needs generation.student.spec and generation.teacher")
+        resolve_student_source(s.checkpoint)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = cfg.prompts
@@ -66,12 +72,9 @@ def run_eval(cfg, progress: bool = True, generate_only: bool = False,
     log(f"prompts: {len(prompts)} ({prompts.description})")
     samples_dir = Path(cfg.images.samples) if cfg.images.samples else out / "samples"
     reference_dir = Path(cfg.images.reference) if cfg.images.reference else out / "reference"
-    g, outcome = cfg.generation, EvalOutcome()
+    outcome = EvalOutcome()
 
-    s = g.student
     if s.checkpoint:
-        if not s.spec or not g.teacher:
-            raise ValueError("generation.student.checkpoint needs generation.student.spec and generation.teacher")
         settings = StudentSettings(spec=s.spec, teacher=g.teacher, checkpoint=s.checkpoint,
                                    student_config=s.student_config, sampler=s.sampler, steps=s.steps, seed=g.seed,
                                    height=g.height, width=g.width, batch_size=g.batch_size, device=g.device,
