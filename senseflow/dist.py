@@ -246,10 +246,13 @@ def shard(model: nn.Module, info: DistInfo, opts: ShardOptions, trainable: bool 
 def reshard(model: nn.Module) -> None:
     """Free any gathered parameters of the FSDP2 modules in ``model`` (itself or, e.g. in an ``nn.ModuleDict``, its
     children; no-op without any), so that their registered parameters are the ``DTensor`` shards the optimiser
-    updates and the next forward gathers them afresh. Call it only when no backward through ``model`` is pending."""
-    for m in model.modules():
-        if is_sharded(m):
-            m.reshard()
+    updates and the next forward gathers them afresh. Call it only when no backward through ``model`` is pending.
+    A module that holds parameters of another network without owning it (a LoRA player's adapter weights on the
+    shared base, :class:`senseflow.method.adapters.AdapterWeights`) names that network in ``shard_roots``."""
+    for root in (model, *getattr(model, "shard_roots", ())):
+        for m in root.modules():
+            if is_sharded(m):
+                m.reshard()
 
 
 def _prepare(model: nn.Module, trainable: bool, opts: ShardOptions) -> nn.Module:
@@ -286,11 +289,16 @@ def _meta_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 
 def build_sharded(
-    build: Callable[[], nn.Module], info: DistInfo, opts: ShardOptions, trainable: bool
+    build: Callable[[], nn.Module], info: DistInfo, opts: ShardOptions, trainable: bool,
+    adapt: Callable[[nn.Module], nn.Module] | None = None,
 ) -> nn.Module:
     """Build one network and place it by ``opts.strategy``; every rank calls this in the same order.
 
     ``build`` returns the full network (weights read from disk, in its final dtype, preferably in host memory).
+    ``adapt`` (optional) changes the built network on every rank before it is placed (LoRA adapters added to a
+    frozen base, :mod:`senseflow.method.adapters`): rank 0's result is what every rank receives; such a network is
+    prepared as ``trainable`` says (the caller marks the adapters trainable afterwards) but sharded with the
+    mixed-precision policy of a trained network (fp32 adapters and a bf16 base are gathered in one compute dtype).
 
     * ``none``: ``build()`` moved to the device.
     * ``ddp``: ``build()`` on every rank, rank 0's parameters and buffers broadcast.
@@ -298,10 +306,13 @@ def build_sharded(
       device; all shard; rank 0's state dict is broadcast and each rank keeps its shard; buffers are broadcast.
       Networks that are not diffusers models (no ``config``/``from_config``) are built on every rank and sharded.
     """
+    def adapted(model: nn.Module) -> nn.Module:
+        return adapt(model) if adapt is not None else model
+
     if opts.strategy == "none" or not info.distributed:
-        return _prepare(build(), trainable, opts).to(info.device)
+        return _prepare(adapted(build()), trainable, opts).to(info.device)
     if opts.strategy == "ddp":
-        replicated = _prepare(build(), trainable, opts).to(info.device)
+        replicated = _prepare(adapted(build()), trainable, opts).to(info.device)
         broadcast_module(replicated)
         return replicated
     if opts.strategy != "fsdp":
@@ -309,18 +320,20 @@ def build_sharded(
     model = build() if info.is_main else None
     spec = [_spec(model) if model is not None else None]
     dist.broadcast_object_list(spec, src=0)
+    mixed = trainable or adapt is not None  # the mixed-precision policy of a network with trained parameters
     if spec[0] is None:  # not rebuildable from a config: every rank builds it, rank 0's weights win
-        model = build() if model is None else model
+        model = adapted(build() if model is None else model)
         _prepare(model, trainable, opts)
         broadcast_module(model.to(info.device))
-        return shard(model, info, opts, trainable)
+        return shard(model, info, opts, mixed)
     full: dict[str, Tensor] = {}
     if model is None:
-        model = _meta_from_spec(spec[0])
+        model = adapted(_meta_from_spec(spec[0]))
     else:
+        model = adapted(model)
         full = {k: v.detach() for k, v in model.state_dict().items()}
     _prepare(model, trainable, opts)
-    shard(model, info, opts, trainable)
+    shard(model, info, opts, mixed)
     offload = opts.cpu_offload and info.device.type == "cuda"
     if not info.is_main:
         model.to_empty(device=torch.device("cpu") if offload else info.device)

@@ -60,10 +60,12 @@ from senseflow.inference import UsageError, UsageParser, check_teacher_folder
 from senseflow.lora_export import (
     LORA_REPORT_NAME,
     LORA_WEIGHT_NAME,
+    adapter_extraction,
     extra_full_keys,
     extract_lora,
     lora_state_dict,
     teacher_tensors,
+    trained_adapter_file,
     unfusable_layers,
     write_lora,
 )
@@ -333,10 +335,16 @@ def _write_lora_folder(
     pipeline_class = getattr(diffusers, fam.pipeline_class_name)
     sub = fam.denoiser_subfolder
     model = empty_model(config, fam.denoiser_class_name)
-    student = read_state_dict(source)
-    with teacher_tensors(teacher / sub) as teacher_tensor:
-        extraction = extract_lora(model, teacher_tensor, student, rank, extra_full_keys(pipeline_class), dtype)
-    del student
+    adapter_file = trained_adapter_file(source.path) if source.kind == "safetensors" else None
+    if adapter_file is not None:  # a LoRA-trained run (docs/method.md §3.8): its own adapter, exactly
+        from safetensors.torch import load_file
+
+        extraction = adapter_extraction(model, load_file(str(adapter_file)), rank, adapter_file, dtype)
+    else:
+        student = read_state_dict(source)
+        with teacher_tensors(teacher / sub) as teacher_tensor:
+            extraction = extract_lora(model, teacher_tensor, student, rank, extra_full_keys(pipeline_class), dtype)
+        del student
     if not extraction.entries:
         raise ValueError(f"--checkpoint {checkpoint} equals the teacher's {sub}: there is no change to export as a "
                          "LoRA")

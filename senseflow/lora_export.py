@@ -36,7 +36,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, cast
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,8 @@ __all__ = [
     "lora_state_dict",
     "unfusable_layers",
     "write_lora",
+    "trained_adapter_file",
+    "adapter_extraction",
 ]
 
 #: the file name ``load_lora_weights(folder)`` looks for
@@ -321,3 +323,41 @@ def write_lora(folder: Path, pipeline_class: Any, denoiser_subfolder: str, state
         kwargs[f"{denoiser_subfolder}_lora_adapter_metadata"] = dict(metadata)
     pipeline_class.save_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **kwargs)
     return folder / LORA_WEIGHT_NAME
+
+
+def trained_adapter_file(student_file: Path) -> Path | None:
+    """The adapter a LoRA-trained run wrote beside ``student_file`` (``student.safetensors`` →
+    ``student_lora.safetensors``, docs/method.md §3.8), or None for a full-weight run."""
+    from senseflow.method.adapters import adapter_file_name
+
+    path = student_file.with_name(adapter_file_name(student_file.name))
+    return path if student_file.suffix == ".safetensors" and path.is_file() else None
+
+
+def adapter_extraction(model: nn.Module, adapter: Mapping[str, Tensor], rank: int, source: Path,
+                       dtype: torch.dtype | None = None) -> LoraExtraction:
+    """A LoRA-trained student's own adapter as the export's factors: exact, no SVD. ``adapter`` holds
+    ``<layer>.lora_A.weight`` = A and ``<layer>.lora_B.weight`` = s·B (ΔW = B·A); its rank must be ``rank``
+    (``--lora-rank``). Every layer's relative error is 0 (up to ``dtype`` rounding, which the entries measure)."""
+    layers = matrix_layers(model)
+    paths = sorted(k.removesuffix(".lora_A.weight") for k in adapter if k.endswith(".lora_A.weight"))
+    ranks = {int(adapter[f"{p}.lora_A.weight"].shape[0]) for p in paths}
+    if ranks != {rank}:
+        raise ValueError(f"--lora-rank {rank}: {source.name} is the run's own LoRA adapter of rank "
+                         f"{', '.join(map(str, sorted(ranks)))}; pass --lora-rank {max(ranks, default=rank)} to export "
+                         "it exactly")
+    out = LoraExtraction(rank=rank)
+    for path in paths:
+        if path not in layers:
+            raise ValueError(f"{source.name}: adapter layer {path!r} is not a linear or convolution layer of the "
+                             "student")
+        b, a = adapter[f"{path}.lora_B.weight"].float(), adapter[f"{path}.lora_A.weight"].float()
+        delta = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+        keep = dtype or adapter[f"{path}.lora_A.weight"].dtype
+        bs, as_ = b.reshape(b.shape[0], -1).to(keep), a.reshape(a.shape[0], -1).to(keep)
+        out.factors[path] = (bs, as_)
+        err = float((delta - bs.float() @ as_.float()).norm())
+        kind = "conv" if isinstance(layers[path], nn.Conv2d) else "linear"
+        shape = tuple(cast(Tensor, layers[path].weight).shape)
+        out.entries.append(LoraEntry(f"{path}.weight", kind, shape, rank, float(delta.norm()), err))
+    return out

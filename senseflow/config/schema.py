@@ -1,8 +1,8 @@
 """The training config's schema: a tree of dataclasses (OmegaConf structured configs).
 
-The sections are ``experiment``, ``teacher``, ``schedule``, ``method``, ``discriminator``, ``optimizer``, ``train``,
-``data`` and ``dist``. Defaults are the SD3.5-Medium preset values or neutral ones. Comments cite docs/method.md as
-"§N" and "decision N".
+The sections are ``experiment``, ``teacher``, ``model``, ``schedule``, ``method``, ``discriminator``, ``optimizer``,
+``train``, ``data`` and ``dist``. Defaults are the SD3.5-Medium preset values or neutral ones. Comments cite
+docs/method.md as "§N" and "decision N".
 
 A string field that takes one of a fixed set of values is declared with :func:`choice`: the allowed values live in
 the field's metadata (:data:`CHOICES`), which :func:`senseflow.config.validation.validate` reads, so each set is
@@ -41,6 +41,9 @@ __all__ = [
     "TrainConfig",
     "DataConfig",
     "DistConfig",
+    "LoraAdapterConfig",
+    "LoraPlayersConfig",
+    "ModelConfig",
 ]
 
 #: field-metadata key of the values a field allows (for a list field: the values its items allow)
@@ -208,6 +211,7 @@ class DiscriminatorConfig:
     translation_ratio: float = 0.125
     cutout_ratio: float = 0.2
     resolution: int | None = None  # None = judge at the generation resolution
+    gradient_checkpointing: bool = False  # checkpoint the DINOv2 layers while grad flows through them (G step)
 
 
 @dataclass
@@ -241,6 +245,7 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: str = choice("auto", ("auto", "bf16", "fp32"))  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = True
+    vae_gradient_checkpointing: bool = False  # checkpoint the VAE decoder blocks in L_adv's decode with grad
     ema: EMAConfig = field(default_factory=EMAConfig)
     log_interval: int = 15
     preview_interval: int = 500  # 0 = no previews
@@ -260,6 +265,7 @@ class DataConfig:
     pin_memory: bool = True
     persistent_workers: bool = True
     max_bad_samples: int = 100
+    text_cache: str | None = None  # `senseflow data text-cache` folder; null = run the text encoders every batch
 
 
 @dataclass
@@ -271,9 +277,33 @@ class DistConfig:
 
 
 @dataclass
+class LoraAdapterConfig:
+    """One player as a LoRA adapter on the teacher's frozen weights (docs/method.md §3.8); rank 0 = full weights."""
+
+    rank: int = 0  # r of ΔW = (alpha/r)·B·A per target layer; 0: the player is a full fp32 copy (the presets)
+    alpha: float | None = None  # LoRA scale numerator; null: alpha = rank (scale 1)
+    target_modules: list[str] | None = None  # module-name patterns (peft); null: the family's lora_target_modules
+    dropout: float = 0.0  # peft's lora_dropout on the adapter's input (training only)
+
+
+@dataclass
+class LoraPlayersConfig:
+    student: LoraAdapterConfig = field(default_factory=LoraAdapterConfig)  # the generator G
+    fake: LoraAdapterConfig = field(default_factory=LoraAdapterConfig)  # the fake score F
+
+
+@dataclass
+class ModelConfig:
+    """How the trained networks are parametrised (docs/method.md §3.8)."""
+
+    lora: LoraPlayersConfig = field(default_factory=LoraPlayersConfig)
+
+
+@dataclass
 class SenseFlowConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)

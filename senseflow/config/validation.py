@@ -60,6 +60,18 @@ def _sampler_ranges(prefix: str) -> dict[str, _Rule]:
     return {f"{prefix}.low": _NON_NEGATIVE_INT, f"{prefix}.std": _positive()}
 
 
+def _lora_ranges(prefix: str) -> dict[str, _Rule]:
+    """One player's LoRA adapter (docs/method.md §3.8): rank 0 = full weights."""
+    return {
+        f"{prefix}.rank": _at_least(0, "an integer", "0: full-weight training"),
+        f"{prefix}.alpha": _Rule(lambda v: v is None or v > 0, "null (alpha = rank) or a number > 0"),
+        f"{prefix}.target_modules": _Rule(
+            lambda v: v is None or (len(v) > 0 and all(isinstance(t, str) and t.strip() for t in v)),
+            "null (the family's default) or a non-empty list of module-name patterns"),
+        f"{prefix}.dropout": _Rule(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    }
+
+
 #: the range of every numeric (or free-text) field that has one; choices are declared in the schema
 _RANGES: dict[str, _Rule] = {
     "experiment.name": _Rule(lambda v: bool(v.strip()), "a non-empty name"),
@@ -67,6 +79,8 @@ _RANGES: dict[str, _Rule] = {
     "teacher.clip_max_length": _at_least(1, "an integer"),
     "teacher.t5_max_length": _at_least(1, "an integer"),
     "teacher.resolution": _positive("an integer"),
+    **_lora_ranges("model.lora.student"),
+    **_lora_ranges("model.lora.fake"),
     "method.gd": _at_least(1, "an integer", "TTUR ratio GD: fake-score updates per generator update"),
     "method.backward_simulation_prob": _between(0, 1),
     "method.dmd.weight": _at_least(0),
@@ -194,10 +208,36 @@ def validate(cfg: SenseFlowConfig, sources: dict[str, str] | None = None) -> Non
          f"false for teacher.family={cfg.teacher.family} (the DMD2 classifier sits on the SDXL UNet bottleneck)")
     need(cfg.data.resolution == cfg.teacher.resolution, "data.resolution",
          f"the same value as teacher.resolution ({cfg.teacher.resolution}): real latents are generator inputs")
+    _validate_lora(cfg, need)
     need(not cfg.dist.hsdp or cfg.dist.strategy in ("auto", "fsdp"), "dist.hsdp",
          f"false with dist.strategy={cfg.dist.strategy} (hybrid sharding needs FSDP)")
     need(not cfg.dist.cpu_offload or cfg.dist.strategy in ("auto", "fsdp"), "dist.cpu_offload",
          f"false with dist.strategy={cfg.dist.strategy} (CPU offload needs FSDP)")
+
+
+def _validate_lora(cfg: SenseFlowConfig, need: Callable[[bool, str, str], None]) -> None:
+    """LoRA players (docs/method.md §3.8): adapters start on the teacher's own weights; IDA mixes two adapters of one
+    shape (equal rank, alpha and targets) or two full copies; DMD2's classifier hooks a full fake UNet."""
+    g, f = cfg.model.lora.student, cfg.model.lora.fake
+    if g.rank == 0 and f.rank == 0:
+        return
+    key = "model.lora.student.rank" if g.rank > 0 else "model.lora.fake.rank"
+    need(cfg.teacher.student_path is None, "teacher.student_path",
+         f"null with {key} > 0 (LoRA adapters start on the teacher's own weights)")
+    if cfg.method.ida.enabled and (g.rank == 0) != (f.rank == 0):
+        need(False, "model.lora.fake.rank" if f.rank == 0 else "model.lora.student.rank",
+             f"{g.rank if f.rank == 0 else f.rank} (IDA mixes G into F: both adapters of one rank, or both full "
+             "weights; or method.ida.enabled=false)")
+    if cfg.method.ida.enabled and g.rank > 0 and f.rank > 0:
+        need(f.rank == g.rank, "model.lora.fake.rank", f"{g.rank}, the student's rank (IDA mixes the two adapters)")
+        need(f.alpha == g.alpha, "model.lora.fake.alpha",
+             f"{g.alpha}, the student's alpha (IDA mixes the two adapters)")
+        same = (None if f.target_modules is None else list(f.target_modules)) == (
+            None if g.target_modules is None else list(g.target_modules))
+        need(same, "model.lora.fake.target_modules",
+             f"{g.target_modules}, the student's (IDA mixes the two adapters layer by layer)")
+    need(f.rank == 0 or not cfg.method.dmd2_cls.enabled, "model.lora.fake.rank",
+         "0 with method.dmd2_cls.enabled (the DMD2 classifier hooks a full fake-score UNet)")
 
 
 def _validate_schedule(cfg: SenseFlowConfig, need: Callable[[bool, str, str], None], flow: bool) -> None:
@@ -262,7 +302,8 @@ def validate_paths(cfg: SenseFlowConfig) -> None:
 
     teacher.path must be a diffusers folder with ``model_index.json``, ``vae/config.json`` and a folder for every
     component its ``model_index.json`` lists; teacher.student_path, when set, must exist;
-    data.path must exist (a folder for ``lmdb``, a file for ``json``/``jsonl``); with the GAN enabled,
+    data.path must exist (a folder for ``lmdb``, a file for ``json``/``jsonl``); data.text_cache, when set, must be a
+    text cache folder (``index.json``); with the GAN enabled,
     discriminator.dino_path and clip_path must be local transformers folders with ``config.json``.
     """
     problems: list[str] = []
@@ -291,6 +332,8 @@ def validate_paths(cfg: SenseFlowConfig) -> None:
                "data.kind=auto)")
     elif kind in ("json", "jsonl") and not data.is_file():
         report("data.path", cfg.data.path, f"a file for data.kind={kind}")
+    if cfg.data.text_cache is not None and not (Path(cfg.data.text_cache) / "index.json").is_file():
+        report("data.text_cache", cfg.data.text_cache, "a folder written by senseflow data text-cache (or null)")
 
     if cfg.method.gan.enabled:
         for key in ("discriminator.dino_path", "discriminator.clip_path"):

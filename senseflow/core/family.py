@@ -87,6 +87,9 @@ class TeacherFamily(ABC):
     #: teacher state-dict prefixes the student has no parameters for (FLUX: the guidance embedder, §3.6); keys under
     #: them are dropped when a checkpoint is loaded into the student
     student_ignore_prefixes: tuple[str, ...] = ()
+    #: peft ``target_modules`` of a LoRA player when ``model.lora.<player>.target_modules`` is null (docs/method.md
+    #: §3.8): the denoiser's attention projections and feed-forward linears, named as in its diffusers classes
+    lora_target_modules: tuple[str, ...] = ()
 
     #: the text encoders and tokenizers of the family's pipeline
     text_components: tuple[TextComponent, ...] = ()
@@ -109,6 +112,9 @@ class TeacherFamily(ABC):
     checkpoint_units: tuple[str, ...] | None = None
     #: tiny teachers of the family (``senseflow tiny --kind KIND``): kind → component configs
     tiny_teachers: Mapping[str, Any] = MappingProxyType({})
+    #: a text cache (``data.text_cache``, :class:`senseflow.data.cache.TextCache`) that :meth:`encode_prompts` reads
+    #: per caption instead of running the text encoders (which are then never loaded); None: encode on the fly
+    text_cache: Any = None
 
     def __init__(self, **kwargs: Any) -> None:
         """A family is built by :func:`senseflow.models.families.build_family` with keyword arguments only:

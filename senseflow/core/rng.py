@@ -104,6 +104,10 @@ class RunRNG:
         state.update({f"noise_{s}": g.get_state() for s, g in enumerate(self.noise_slots)})
         return state
 
+    def holds_layout(self, state: dict[str, Tensor]) -> bool:
+        """Whether a saved :meth:`state_dict` has exactly this stream's noise slots (the same batch layout)."""
+        return all(f"noise_{s}" in state for s in range(self.slots)) and f"noise_{self.slots}" not in state
+
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.shared.set_state(state["shared"])
         for s, g in enumerate(self.noise_slots):

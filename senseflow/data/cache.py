@@ -1,4 +1,5 @@
-"""Optional caches for JSON/JSONL sets: image latents and text embeddings in safetensors, keyed by record key.
+"""Optional caches in safetensors: image latents and text embeddings of JSON/JSONL sets keyed by record key, and the
+training run's text conditioning keyed by caption (:class:`TextCache`, ``data.text_cache``; docs/method.md §13.5).
 
 A cache is a folder::
 
@@ -21,13 +22,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from senseflow.core.io import atomic_write_text
 
-__all__ = ["source_fingerprint", "TensorCache", "LatentCache", "EmbeddingCache"]
+__all__ = ["source_fingerprint", "TensorCache", "LatentCache", "EmbeddingCache", "TextCache", "caption_key",
+           "read_cache_meta"]
 
 _INDEX = "index.json"
 
@@ -43,9 +46,11 @@ def source_fingerprint(source: str | os.PathLike[str], **settings: Any) -> str:
 class TensorCache:
     """Map record key → dict of named tensors, persisted as safetensors shards (see module docstring)."""
 
-    def __init__(self, directory: str | os.PathLike[str], fingerprint: str) -> None:
+    def __init__(self, directory: str | os.PathLike[str], fingerprint: str, meta: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory)
         self.fingerprint = fingerprint
+        #: JSON-serialisable facts written into the index beside the fingerprint (what it was computed from)
+        self.meta: dict[str, Any] = dict(meta or {})
         self._entries: dict[str, tuple[str, list[str]]] = {}
         self._pending: dict[str, dict[str, Tensor]] = {}
         self._handles: dict[str, Any] = {}
@@ -130,7 +135,9 @@ class TensorCache:
                 self._entries[key] = (shard, names)
             save_file(flat, str(self.directory / shard), metadata={"fingerprint": self.fingerprint})
             self._pending = {}
-        index = {"fingerprint": self.fingerprint, "entries": self._entries}
+        index: dict[str, Any] = {"fingerprint": self.fingerprint, "entries": self._entries}
+        if self.meta:
+            index["meta"] = self.meta
         atomic_write_text(self.directory / _INDEX, json.dumps(index))
 
 
@@ -184,3 +191,64 @@ class EmbeddingCache(TensorCache):
     def put(self, key: str, embeddings: dict[str, Tensor]) -> None:
         self.put_entry(key, embeddings)
 
+
+
+def read_cache_meta(directory: str | os.PathLike[str]) -> tuple[str, dict[str, Any], set[str]] | None:
+    """(fingerprint, meta, entry keys) of the cache index in ``directory``, or None when it has none; reads the
+    index only (no shard is opened). Raises ``ValueError`` for an unreadable index."""
+    index = Path(directory) / _INDEX
+    if not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_text())
+        return str(data["fingerprint"]), dict(data.get("meta") or {}), set(data["entries"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: unreadable cache index ({e}); delete the folder to rebuild it") from None
+
+
+def caption_key(caption: str) -> str:
+    """The entry key of a caption in a :class:`TextCache`: sha256 of its UTF-8 bytes (any text, fixed length)."""
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()
+
+
+def parts_fingerprint(parts: dict[str, Any]) -> str:
+    """sha256 of the JSON of ``parts`` (sorted keys): the fingerprint of a :class:`TextCache`."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class TextCache(TensorCache):
+    """Text conditioning per caption (``data.text_cache``, built by ``senseflow data text-cache``).
+
+    An entry is keyed by :func:`caption_key` and holds the family's encoder outputs for that caption (``prompt_embeds``
+    and ``pooled``: one row of :meth:`~senseflow.core.family.TeacherFamily.encode_prompts`'s Condition, in the text
+    encoders' dtype) and, with the GAN, the discriminator's L2-normalised CLIP text features (``clip``). ``parts``
+    are what the values depend on (teacher text encoders, caption list, token lengths, D's CLIP folder: see
+    :mod:`senseflow.data.text_cache`); the fingerprint is their hash and ``parts`` is kept in the index, so a stale
+    cache can say which part changed.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], parts: dict[str, Any],
+                 meta: dict[str, Any] | None = None) -> None:
+        super().__init__(directory, parts_fingerprint(parts), {**(meta or {}), "parts": parts})
+
+    def get_caption(self, caption: str) -> dict[str, Tensor] | None:
+        """The tensors stored for ``caption`` (field → tensor), or None."""
+        return self.get_entry(caption_key(caption))
+
+    def put_caption(self, caption: str, tensors: dict[str, Tensor]) -> None:
+        self.put_entry(caption_key(caption), tensors)
+
+    def has_caption(self, caption: str) -> bool:
+        return caption_key(caption) in self
+
+    def stack(self, captions: list[str] | tuple[str, ...], field: str) -> Tensor:
+        """``field`` of every caption stacked on a new batch axis; a caption without an entry is a ``KeyError``
+        naming it (the cache was built for another caption list)."""
+        rows = []
+        for caption in captions:
+            entry = self.get_caption(caption)
+            if entry is None or field not in entry:
+                raise KeyError(f"data.text_cache {self.directory}: no {field!r} for caption {caption!r}; rebuild it "
+                               "with senseflow data text-cache")
+            rows.append(entry[field])
+        return torch.stack(rows)

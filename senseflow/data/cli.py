@@ -3,6 +3,7 @@
     senseflow data build-lmdb --images set.json --vae /models/sdxl --out latents_lmdb --resolution 1024 --batch-size 8
     senseflow data check set.jsonl --resolution 1024
     senseflow data shapes --out shapes_data --num-scenes 20000
+    senseflow data text-cache --config configs/FLUX/flux_senseflow.yaml data.text_cache=text_cache [key=value ...]
 
 Exit codes: 0 success (or a usable set), 2 bad input / unusable set / refusal to overwrite, 130 interrupted.
 """
@@ -54,7 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-scenes", type=int, default=None, help="default: senseflow.shapes.ShapesConfig's")
     s.add_argument("--seed", type=int, default=None, help="scene seed (default: ShapesConfig's)")
     s.add_argument("--heldout", action="store_true", help="the held-out scene stream instead of the training one")
+
+    t = sub.add_parser("text-cache", help="encode a training config's captions into data.text_cache (resumable)")
+    t.add_argument("--config", required=True, help="the training config (YAML) the cache is for")
+    t.add_argument("--out", default=None, help="cache folder (default: the config's data.text_cache)")
+    t.add_argument("--device", default=None, help="default: the config's train.device (auto: cuda if available)")
+    t.add_argument("overrides", nargs="*", help="config overrides key=value, as for senseflow train")
     return parser
+
+
+def _text_cache(args: argparse.Namespace) -> int:
+    import copy
+
+    from senseflow.config import load_config, validate_paths
+    from senseflow.data.text_cache import build_text_cache
+
+    cfg = load_config(args.config, list(args.overrides))
+    out = args.out if args.out is not None else cfg.data.text_cache
+    if out is None:
+        raise ValueError("--out: no cache folder; pass --out DIR or data.text_cache=DIR")
+    checked = copy.deepcopy(cfg)
+    checked.data.text_cache = None  # the folder this command writes
+    validate_paths(checked)
+    result = build_text_cache(checked, out, args.device)
+    print(f"{result.out}: {result.captions} captions (incl. the empty prompt and {result.previews} preview prompts), "
+          f"{result.encoded} encoded now; train with data.text_cache={result.out}")
+    return 0
 
 
 def _shapes(args: argparse.Namespace) -> int:
@@ -116,7 +142,8 @@ def main_data(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"build-lmdb": _build, "check": _check, "shapes": _shapes}[args.command](args)
+        commands = {"build-lmdb": _build, "check": _check, "shapes": _shapes, "text-cache": _text_cache}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -64,8 +64,9 @@ def _discriminator(cfg: Any, dino: nn.Module, c_dim: int) -> tuple[VFMDiscrimina
     try:
         from senseflow.models.discriminator import VFMDiscriminator
 
+        # the trainer's constructor path, traced without checkpointing (the plan applies it to the traced units)
         with torch.device("meta"), _no_power_iterations():
-            return VFMDiscriminator.from_config(dino, c_dim, d), ""  # the trainer's constructor path
+            return VFMDiscriminator.from_config(dino, c_dim, d, gradient_checkpointing=False), ""
     except Exception as exc:  # fall back to the analytic head count of docs/method.md §9.1
         return None, f"discriminator heads counted analytically (VFMDiscriminator could not be built: {exc})"
 
@@ -96,7 +97,8 @@ def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded:
         _Net("vae", "VAE", fam.public_vae, build_meta(_local_or_shipped(cfg, "vae", fam.public_vae)), False,
              cfg.teacher.vae_dtype, False),
     ]
-    for c in fam.text_components:
+    text_cache = cfg.data.text_cache is not None  # with a text cache no text encoder is loaded
+    for c in () if text_cache else fam.text_components:
         nets.append(_Net(f"text:{c.encoder}", c.label, c.public_config,
                          build_meta(_local_or_shipped(cfg, c.encoder, c.public_config)), False,
                          cfg.teacher.text_encoder_dtype, False))
@@ -109,10 +111,11 @@ def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded:
         if clip_cfg.get("model_type") == "clip":  # a full CLIP folder: its text tower with projection
             clip_cfg = dict(clip_cfg["text_config"], architectures=["CLIPTextModelWithProjection"],
                             projection_dim=clip_cfg.get("projection_dim", 768))
-        clip_text = build_meta(clip_cfg)
         nets.append(_Net("disc_backbone", "D backbone DINOv2", _DISC_BACKBONE, dino, False, disc_backbone_dtype, False))
-        nets.append(_Net("disc_text", "D text CLIP-L/14", _DISC_TEXT, clip_text, False, disc_backbone_dtype, False))
-        c_dim = int(clip_text.config.projection_dim)
+        if not text_cache:
+            nets.append(_Net("disc_text", "D text CLIP-L/14", _DISC_TEXT, build_meta(clip_cfg), False,
+                             disc_backbone_dtype, False))
+        c_dim = int(clip_cfg.get("projection_dim", 768))
         disc, why = _discriminator(cfg, dino, c_dim)
         if disc is not None:
             heads: nn.Module = disc.heads
@@ -167,7 +170,7 @@ def _trace_run(cfg: Any, student_cfg: dict[str, Any], nets: list[_Net], disc: VF
     judged = res if cfg.discriminator.resolution is None else int(cfg.discriminator.resolution)
     side = judged // int(dino_cfg.patch_size)
     refs = [torch.zeros(batch, int(dino_cfg.hidden_size), side, side, device="meta") for _ in range(len(disc.heads))]
-    c = torch.zeros(batch, int(by["disc_text"].config.projection_dim), device="meta")
+    c = torch.zeros(batch, disc.c_dim, device="meta")
     x = torch.zeros(batch, 3, res, res, device="meta", requires_grad=True)
     x_detached = torch.zeros(batch, 3, res, res, device="meta")
     with _no_power_iterations():

@@ -19,6 +19,9 @@ class MemoryOptions:
     checkpointing: bool
     optimizer: str
     cpu_offload: bool
+    vae_checkpointing: bool = False  # train.vae_gradient_checkpointing: the decoder blocks of L_adv's decode
+    dino_checkpointing: bool = False  # discriminator.gradient_checkpointing: the DINOv2 layers in the G step
+    text_cache: bool = False  # data.text_cache: no text encoder (family's nor D's CLIP) is loaded
 
 
 @dataclass
@@ -79,8 +82,9 @@ class MemoryPlan:
         return d
 
 
-def _phases(rows: list[NetworkMemory], t: _Traces, checkpointing: bool) -> tuple[dict[str, int], dict[str, int]]:
+def _phases(rows: list[NetworkMemory], t: _Traces, opts: MemoryOptions) -> tuple[dict[str, int], dict[str, int]]:
     """(activation terms, phase → grads + live activations + working set), per GPU."""
+    checkpointing = opts.checkpointing
     by = {r.key: r for r in rows}
 
     def fsdp_working(key: str, backward: bool) -> int:  # two gathered units + the root (+ one unit's fp32 grad)
@@ -95,10 +99,14 @@ def _phases(rows: list[NetworkMemory], t: _Traces, checkpointing: bool) -> tuple
     a_g += a_g if "dmd2_head" in by else 0  # the DMD2 classifier's fake-UNet forward with grad
     nograd_gather = max(fsdp_working("teacher", False), fsdp_working("fake", False))
     fsdp_g, fsdp_f = fsdp_working("generator", True), fsdp_working("fake", True)
+    # the decode with grad and DINOv2 → pixels: every saved tensor, or with checkpointing the units' inputs plus one
+    # recomputed unit (diffusers' decoder blocks; the DINOv2 layers)
+    a_vae = t.vae_ckpt.saved(True) if opts.vae_checkpointing else t.vae.total
+    a_dino = t.disc_g.saved(True) if opts.dino_checkpointing else t.disc_g.total
     acts = {
         "G forward (grad)": a_g,
-        "VAE decode (grad)": t.vae.total,
-        "DINOv2 + heads (grad to pixels)": t.disc_g.total,
+        "VAE decode (grad)": a_vae,
+        "DINOv2 + heads (grad to pixels)": a_dino,
         "F forward (grad)": a_g,
         "D heads, real + fake branch": 2 * t.disc_d.total,
         "largest unit: denoiser block": t.denoiser.max_unit,
@@ -110,8 +118,7 @@ def _phases(rows: list[NetworkMemory], t: _Traces, checkpointing: bool) -> tuple
     }
     phases = {
         "G step, no-grad T/F/G forwards (DMD, ISG)": a_g + t.denoiser.max_unit + nograd_gather,
-        "G step, VAE + D graph and its backward": a_g + t.vae.total + t.disc_g.total
-        + max(t.vae.max_unit, t.disc_g.max_unit),
+        "G step, VAE + D graph and its backward": a_g + a_vae + a_dino + max(t.vae.max_unit, t.disc_g.max_unit),
         "G step, G backward": grads("generator") + a_g + t.denoiser.max_unit + fsdp_g,
         "F step": grads("fake") + grads("dmd2_head") + a_g + t.denoiser.max_unit + fsdp_f,
         "D step": grads("disc_heads") + 2 * t.disc_d.total + t.disc_d.max_unit,
@@ -127,7 +134,9 @@ def plan_memory(cfg: Any, gpus_per_node: int, nodes: int = 1, gpu_gib: float = 8
     """Per-GPU memory of the run that ``cfg`` (a loaded :class:`senseflow.config.SenseFlowConfig`) describes on
     ``gpus_per_node`` × ``nodes`` GPUs of ``gpu_gib`` GiB. ``checkpointing`` / ``optimizer`` / ``cpu_offload``
     default to ``train.gradient_checkpointing`` / ``optimizer.name`` / ``dist.cpu_offload``; with ``scenarios``
-    the totals of all 8 combinations are added. ``denoiser`` picks the teacher architecture (see
+    the totals of all 8 combinations are added. ``train.vae_gradient_checkpointing``,
+    ``discriminator.gradient_checkpointing`` and ``data.text_cache`` (no text-encoder rows) are read from ``cfg``
+    and hold in every scenario. ``denoiser`` picks the teacher architecture (see
     ``--denoiser``); ``teacher_sharded=False`` replicates T. No weights, paths or GPU are needed.
     Raises :class:`MemoryPlanError` on bad arguments."""
     if gpus_per_node < 1 or nodes < 1:
@@ -154,7 +163,10 @@ def _plan_memory(cfg: Any, gpus_per_node: int, nodes: int, gpu_gib: float, confi
             raise MemoryPlanError(f"{name} = {dt!r}: expected one of {', '.join(DTYPE_BYTES)}")
     chosen = MemoryOptions(bool(cfg.train.gradient_checkpointing) if checkpointing is None else checkpointing,
                            cfg.optimizer.name if optimizer is None else optimizer,
-                           bool(cfg.dist.cpu_offload) if cpu_offload is None else cpu_offload)
+                           bool(cfg.dist.cpu_offload) if cpu_offload is None else cpu_offload,
+                           vae_checkpointing=bool(cfg.train.vae_gradient_checkpointing),
+                           dino_checkpointing=bool(cfg.discriminator.gradient_checkpointing),
+                           text_cache=cfg.data.text_cache is not None)
     if chosen.optimizer not in ("adamw", "adamw8bit"):
         raise MemoryPlanError(f"optimizer {chosen.optimizer!r} is not one of adamw, adamw8bit")
     world = gpus_per_node * nodes
@@ -165,7 +177,7 @@ def _plan_memory(cfg: Any, gpus_per_node: int, nodes: int, gpu_gib: float, confi
 
     def make(opts: MemoryOptions) -> MemoryPlan:
         rows = [n.row(opts.optimizer, shard, opts.cpu_offload) for n in nets]
-        acts, phases = _phases(rows, traces, opts.checkpointing)
+        acts, phases = _phases(rows, traces, opts)
         return MemoryPlan(config_path, cfg.teacher.family, arch, int(cfg.teacher.resolution), int(cfg.train.batch_size),
                           gpus_per_node, nodes, shard, float(gpu_gib), reserve_frac, context_gib, opts, rows, acts,
                           phases, list(notes))
@@ -182,7 +194,7 @@ def _plan_memory(cfg: Any, gpus_per_node: int, nodes: int, gpu_gib: float, confi
         for ckpt in (True, False):
             for opt in ("adamw8bit", "adamw"):
                 for off in (False, True) if fsdp else (False,):
-                    p = make(MemoryOptions(ckpt, opt, off))
+                    p = make(dataclasses.replace(chosen, checkpointing=ckpt, optimizer=opt, cpu_offload=off))
                     plan.scenarios.append(dict(checkpointing=ckpt, optimizer=opt, cpu_offload=off,
                                                static_bytes=p.static_bytes, peak_phase=p.peak_phase,
                                                peak_bytes=p.peak_bytes, fits=p.fits,
@@ -194,16 +206,29 @@ def _savings_notes(cfg: Any, plan: MemoryPlan, vae_ckpt_saving: int, dino_ckpt_s
                    shard: int) -> list[str]:
     """What the main alternatives would change (GiB per GPU), for the user to weigh."""
     notes = []
-    if vae_ckpt_saving > 0:
-        held = plan.activations["VAE decode (grad)"] / GIB
-        notes.append(f"the VAE decode with grad holds {held:.2f} GiB; diffusers' vae.enable_gradient_checkpointing() "
-                     f"would save {vae_ckpt_saving / GIB:.2f} GiB (not enabled by the trainer)")
-    if dino_ckpt_saving > 0:
-        notes.append(f"checkpointing the DINOv2 layers in the G step would save {dino_ckpt_saving / GIB:.2f} GiB "
-                     "(not enabled by the trainer)")
-    text = [r for r in plan.networks if r.key.startswith("text:")]
-    if cfg.teacher.text_encoder_dtype == "float32" and text:
-        saving = sum(r.param_bytes for r in text) // 2
+    o = plan.options
+    held = plan.activations["VAE decode (grad)"] / GIB
+    if vae_ckpt_saving > 0 and o.vae_checkpointing:
+        notes.append(f"train.vae_gradient_checkpointing=true: the VAE decode with grad holds {held:.2f} GiB, "
+                     f"{vae_ckpt_saving / GIB:.2f} GiB less than without")
+    elif vae_ckpt_saving > 0:
+        notes.append(f"the VAE decode with grad holds {held:.2f} GiB; train.vae_gradient_checkpointing=true would "
+                     f"save {vae_ckpt_saving / GIB:.2f} GiB")
+    if dino_ckpt_saving > 0 and o.dino_checkpointing:
+        notes.append(f"discriminator.gradient_checkpointing=true: the DINOv2 layers in the G step hold "
+                     f"{dino_ckpt_saving / GIB:.2f} GiB less than without")
+    elif dino_ckpt_saving > 0:
+        notes.append(f"discriminator.gradient_checkpointing=true (the DINOv2 layers in the G step) would save "
+                     f"{dino_ckpt_saving / GIB:.2f} GiB")
+    text = [r for r in plan.networks if r.key.startswith("text:") or r.key == "disc_text"]
+    if o.text_cache:
+        notes.append("data.text_cache is set: no text encoder is loaded (the family's nor D's CLIP text model)")
+    elif text:
+        notes.append(f"data.text_cache (senseflow data text-cache) would save "
+                     f"{sum(r.param_bytes for r in text) / GIB:.2f} GiB: no text encoder on the GPU")
+    teacher_text = [r for r in text if r.key.startswith("text:")]
+    if cfg.teacher.text_encoder_dtype == "float32" and teacher_text:
+        saving = sum(r.param_bytes for r in teacher_text) // 2
         notes.append(f"teacher.text_encoder_dtype=bfloat16 would save {saving / GIB:.2f} GiB")
     teacher = next(r for r in plan.networks if r.key == "teacher")
     if teacher_sharded and not plan.options.cpu_offload:

@@ -9,6 +9,10 @@ def _gib(n: int) -> str:
     return f"{n / GIB:7.2f}"
 
 
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
@@ -23,6 +27,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"{plan.world_size} GPUs ({plan.nodes} node{'s' if plan.nodes > 1 else ''} × {plan.gpus_per_node}), {place}",
         f"options: activation checkpointing {'on' if o.checkpointing else 'off'}, optimizer {o.optimizer}, "
         f"CPU offload {'on' if o.cpu_offload else 'off'}",
+        f"         VAE decoder checkpointing {_on(o.vae_checkpointing)}, DINOv2 checkpointing "
+        f"{_on(o.dino_checkpointing)}, text cache {_on(o.text_cache)}",
         "",
         f"{'network':<22} {'params':>10} {'dtype':>9} {'placement':>14} | {'params':>7} {'buffers':>7} "
         f"{'grads*':>7} {'optim':>7} {'host':>7}   (GiB per GPU)",

@@ -28,6 +28,15 @@ from senseflow.core.checks import need
 from senseflow.core.dtypes import parse_dtype
 from senseflow.core.modules import unwrap
 from senseflow.core.rng import RunRNG
+from senseflow.method.adapters import (
+    SharedBase,
+    adapter_file_name,
+    adapter_specs,
+    adapter_state,
+    check_lora_fits_teacher,
+    ida_on_adapters,
+    merged_weights,
+)
 from senseflow.method.distill import Decisions, Distiller, MicroBatch, sampler_from
 from senseflow.method.ida import ida_update
 from senseflow.method.optim import EMA, build_optimizer, build_scheduler
@@ -36,7 +45,8 @@ from senseflow.method.sampling import sample_stochastic
 from senseflow.models.families import build_family, check_guidance_kinds
 
 if TYPE_CHECKING:
-    from senseflow.models.discriminator import TextConditioner, VFMDiscriminator
+    from senseflow.data.cache import TextCache
+    from senseflow.models.discriminator import CachedTextConditioner, TextConditioner, VFMDiscriminator
     from senseflow.models.dmd2_head import DMD2Classifier
 
 __all__ = ["Distillation", "build_discriminator", "STUDENT_FILE", "STUDENT_EMA_FILE"]
@@ -47,16 +57,30 @@ STUDENT_FILE = "student.safetensors"
 STUDENT_EMA_FILE = "student_ema.safetensors"
 
 
-def build_discriminator(cfg: Any, device: torch.device) -> tuple[TextConditioner, VFMDiscriminator]:
+def build_discriminator(cfg: Any, device: torch.device, text_cache: TextCache | None = None
+                        ) -> tuple[TextConditioner | CachedTextConditioner, VFMDiscriminator]:
     """The CLIP text conditioner and the VFM discriminator D_ψ of ``cfg.discriminator`` (§9), heads replicated from
-    rank 0's initialisation. The memory plan builds D through the same ``VFMDiscriminator.from_config``."""
-    from senseflow.models.discriminator import TextConditioner, VFMDiscriminator, load_discriminator_backbones
+    rank 0's initialisation. With a ``text_cache`` (``data.text_cache``) the CLIP text model is not loaded: the
+    conditioner reads the cached features. The memory plan builds D through the same
+    ``VFMDiscriminator.from_config``."""
+    from senseflow.models.discriminator import (
+        CachedTextConditioner,
+        TextConditioner,
+        VFMDiscriminator,
+        load_discriminator_backbones,
+    )
 
     d = cfg.discriminator
-    bb = load_discriminator_backbones(d.dino_path, d.clip_path, device, torch.float32)
-    text_conditioner = TextConditioner(bb.text_model, bb.tokenizer).to(device)
+    bb = load_discriminator_backbones(d.dino_path, d.clip_path, device, torch.float32, text=text_cache is None)
+    text_conditioner: TextConditioner | CachedTextConditioner
+    if text_cache is None:
+        text_conditioner = TextConditioner(need(bb.text_model, "the CLIP text model"), bb.tokenizer).to(device)
+    else:
+        width = int(text_cache.stack([""], "clip").shape[-1])
+        text_conditioner = CachedTextConditioner(lambda p: text_cache.stack(p, "clip"), width).to(device)
     discriminator = VFMDiscriminator.from_config(
-        bb.dino, text_conditioner.embed_dim, d, image_mean=bb.image_mean, image_std=bb.image_std,
+        need(bb.dino, "the DINOv2 backbone"), text_conditioner.embed_dim, d, image_mean=bb.image_mean,
+        image_std=bb.image_std,
     ).to(device)
     sfdist.broadcast_module(discriminator.heads)  # replicated heads: rank 0's initialisation everywhere
     return text_conditioner, discriminator
@@ -74,7 +98,11 @@ class Distillation:
     def _build_networks(self, opts: sfdist.ShardOptions) -> None:
         cfg, t = self.cfg, self.cfg.teacher
         check_guidance_kinds(cfg)  # the guidance kinds fit the teacher folder: read from configs, before any load
+        self.text_cache = self._open_text_cache()  # refused when stale, before any network loads
         self.family = build_family(t, self.device)
+        self.family.text_cache = self.text_cache  # with a cache the family loads no text encoder
+        specs = adapter_specs(cfg.model.lora, tuple(self.family.lora_target_modules))
+        check_lora_fits_teacher(self.family, specs)  # LoRA players (§3.8): adapters on the teacher's own network
         res = int(t.resolution)
         self.schedule = self.family.schedule(res, res)
         s = cfg.schedule
@@ -95,15 +123,42 @@ class Distillation:
         def student() -> nn.Module:
             return self.family.build_student(teacher_full()).to(torch.float32)
 
-        self.generator = sfdist.build_sharded(student, self.info, opts, trainable=True)
-        self.fake = sfdist.build_sharded(student, self.info, opts, trainable=True)
-        self.teacher = sfdist.build_sharded(teacher_full, self.info, opts, trainable=False)
+        # §3.8: a LoRA player is an adapter on the teacher's network, which T, G and F then share (built last: the
+        # full copies are made from the plain teacher first); the others are full fp32 copies as in §3.1
+        self.shared: SharedBase | None = None
+        if "student" not in specs:
+            self.generator = sfdist.build_sharded(student, self.info, opts, trainable=True)
+        if "fake" not in specs:
+            self.fake = sfdist.build_sharded(student, self.info, opts, trainable=True)
+        if not specs:
+            self.teacher = sfdist.build_sharded(teacher_full, self.info, opts, trainable=False)
+        else:
+            base = sfdist.build_sharded(teacher_full, self.info, opts, trainable=False,
+                                        adapt=lambda net: SharedBase.add_adapters(net, specs))
+            shared = self.shared = SharedBase(base, specs)
+            if opts.activation_checkpointing:  # the recomputation must run the forward's adapter
+                cast(Any, base).enable_gradient_checkpointing(shared.checkpoint_function())
+            self.teacher = shared.view(None)
+            if "student" in specs:
+                self.generator = shared.view("student")
+            if "fake" in specs:
+                self.fake = shared.view("fake")
         host.clear()
+        #: what each player trains: an adapter's weights (§3.8) or the full network; the net that runs G
+        self.generator_params: nn.Module = self.generator
+        self.fake_params: nn.Module = self.fake
+        self.generator_net: nn.Module = self.generator
+        if self.shared is not None:
+            self.generator_params = self.shared.weights.get("student", self.generator)
+            self.fake_params = self.shared.weights.get("fake", self.fake)
+            self.generator_net = self.shared.base if "student" in specs else self.generator
         self.discriminator: VFMDiscriminator | None = None
-        self.text_conditioner: TextConditioner | None = None
+        self.text_conditioner: TextConditioner | CachedTextConditioner | None = None
         self.dmd2_head: DMD2Classifier | None = None
         if bool(cfg.method.gan.enabled):
-            self.text_conditioner, self.discriminator = build_discriminator(cfg, self.device)
+            self.text_conditioner, self.discriminator = build_discriminator(cfg, self.device, self.text_cache)
+        if bool(cfg.train.vae_gradient_checkpointing):  # the decode with grad of L_adv keeps block inputs only
+            cast(Any, self.family).vae.enable_gradient_checkpointing()  # diffusers' decoder blocks (a DiffusersFamily)
         if bool(cfg.method.dmd2_cls.enabled):
             from senseflow.models.dmd2_head import DMD2Classifier
 
@@ -118,29 +173,38 @@ class Distillation:
             self.discriminator, self.text_conditioner, self.dmd2_head,
         )
 
+    def _open_text_cache(self) -> TextCache | None:
+        """``data.text_cache`` checked against this config (docs/method.md §13.5), or None (encode on the fly)."""
+        if self.cfg.data.text_cache is None:
+            return None
+        from senseflow.data.text_cache import open_text_cache
+
+        return open_text_cache(self.cfg)
+
     # ================================================================== players (§1.3, §3.4, §3.7)
     def _build_players(self) -> list[Player]:
         o, ema = self.cfg.optimizer, self.cfg.train.ema
         self.ema = (
-            EMA(unwrap(self.generator), float(ema.decay), float(ema.warmup)) if bool(ema.enabled) else None
+            EMA(unwrap(self.generator_params), float(ema.decay), float(ema.warmup)) if bool(ema.enabled) else None
         )
 
         def player(name: str, module: nn.Module, lr: float, loss: Callable, **kw: Any) -> Player:
             opt = build_optimizer(module.parameters(), float(lr), o)
             return Player(name, module, opt, build_scheduler(opt, float(lr), o), loss, **kw)
 
-        after_g: list[Callable[[], None]] = []
+        after_g: list[Callable[[], dict[str, float] | None]] = []
         if bool(self.cfg.method.ida.enabled):
             after_g.append(self.ida)
         ema_g = self.ema
         if ema_g is not None:
-            after_g.append(lambda: ema_g.update(unwrap(self.generator)))
+            after_g.append(lambda: ema_g.update(unwrap(self.generator_params)))
         heads = self.discriminator.heads if self.discriminator is not None else None
         # F's optimiser also holds the DMD2 classifier head when there is one: one module, one optimiser
-        fake = self.fake if self.dmd2_head is None else nn.ModuleDict({"fake": self.fake, "dmd2_head": self.dmd2_head})
+        fake = (self.fake_params if self.dmd2_head is None
+                else nn.ModuleDict({"fake": self.fake_params, "dmd2_head": self.dmd2_head}))
         players = [
-            player("generator", self.generator, o.lr_generator, self.generator_loss, every=int(self.cfg.method.gd),
-                   frozen=(heads,) if heads is not None else (), post_step=after_g),
+            player("generator", self.generator_params, o.lr_generator, self.generator_loss,
+                   every=int(self.cfg.method.gd), frozen=(heads,) if heads is not None else (), post_step=after_g),
             player("fake", fake, o.lr_fake, self.fake_loss),
         ]
         if heads is not None:
@@ -148,11 +212,16 @@ class Distillation:
                                   label="discriminator"))
         return players
 
-    def ida(self) -> None:
-        """IDA after a generator step: φ ← λ·φ + (1 − λ)·θ, matched by name (§7)."""
-        sfdist.reshard(self.fake)  # IDA pairs local shards by name
-        sfdist.reshard(self.generator)
-        ida_update(self.fake, self.generator, float(self.cfg.method.ida.lam))
+    def ida(self) -> dict[str, float] | None:
+        """IDA after a generator step: φ ← λ·φ + (1 − λ)·θ, matched by name (§7); on two adapters, F's adapter
+        becomes the best rank-r factors of the mix (§7.1), whose truncation error is logged."""
+        sfdist.reshard(self.fake_params)  # IDA pairs local shards by name
+        sfdist.reshard(self.generator_params)
+        lam = float(self.cfg.method.ida.lam)
+        if self.shared is not None:  # validation allows IDA with adapters only when both players are adapters
+            return ida_on_adapters(self.shared.weights["fake"], self.shared.weights["student"], lam)
+        ida_update(self.fake, self.generator, lam)
+        return None
 
     # ================================================================== one iteration
     def draw(self, rng: RunRNG) -> Decisions:
@@ -232,6 +301,8 @@ class Distillation:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if self.shared is not None and "student" in self.shared.weights:
+            return self._adapter_exports(opts)
         # a full, CPU-offloaded model state dict holds plain tensors only
         student = cast(dict[str, Tensor], get_model_state_dict(self.generator, options=opts))
         out = {STUDENT_FILE: student}
@@ -239,11 +310,39 @@ class Distillation:
             out[STUDENT_EMA_FILE] = self.ema.full_weights(student)
         return out
 
+    def _adapter_exports(self, opts: Any) -> dict[str, dict[str, Tensor]]:
+        """A LoRA student (§3.8): the merged weights W₀ + s·B·A as ``student.safetensors`` (what inference and export
+        read) and the adapter itself (``student_lora.safetensors``: A and s·B per layer), the same for the EMA."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        shared = need(self.shared, "the shared base")
+        weights = shared.weights["student"]
+        base = cast(dict[str, Tensor], get_model_state_dict(shared.base, options=opts))
+        files = {STUDENT_FILE: adapter_state(weights)}
+        if self.ema is not None:
+            files[STUDENT_EMA_FILE] = adapter_state(weights, self.ema.shadow)
+        if not base:  # ranks other than 0 write nothing
+            return {}
+        out: dict[str, dict[str, Tensor]] = {}
+        for name, adapter in files.items():
+            factors = {k.removesuffix(".lora_A.weight"): (adapter[k.replace(".lora_A.", ".lora_B.")], adapter[k])
+                       for k in adapter if k.endswith(".lora_A.weight")}
+            out[name] = merged_weights(base, factors)
+            out[adapter_file_name(name)] = adapter
+        return out
+
     @torch.no_grad()
     def preview(self, prompts: list[str], seed: int) -> Tensor | None:
         """A full few-step sample of ``prompts`` (on rank 0; under FSDP2 every rank runs the sharded generator with
         the same inputs), decoded to pixels on rank 0."""
-        if not prompts or not (self.info.is_main or sfdist.is_sharded(self.generator)):
+        if not prompts or not (self.info.is_main or sfdist.is_sharded(self.generator_net)):
+            return None
+        cache = self.text_cache
+        if cache is not None and not all(cache.has_caption(p) for p in prompts):
+            if not getattr(self, "_preview_note", False) and self.info.is_main:
+                print("[senseflow] previews skipped: train.preview_prompts are not all in data.text_cache "
+                      "(rebuild it with senseflow data text-cache)", flush=True)
+            self._preview_note = True
             return None
         cond = self.family.encode_prompts(prompts).to(self.device)
         res = int(self.cfg.teacher.resolution)

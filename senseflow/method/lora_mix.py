@@ -24,8 +24,8 @@ zero when rank(M) ≤ r: for example when one adapter's column space (or row spa
 larger of the two ranks, or when λ = 1 and r = r_F. Cost: O((m + n) r² + r³) time and O((m + n) r) memory per
 layer, against O(mn·r) for forming M.
 
-It is the IDA step of LoRA training (docs/method.md §7.1, "IDA with LoRA adapters"); the trainer does not call it
-yet.
+It is the IDA step of LoRA training (docs/method.md §7.1, "IDA with LoRA adapters"):
+:func:`senseflow.method.adapters.ida_on_adapters` calls it per layer after every generator step.
 """
 from __future__ import annotations
 

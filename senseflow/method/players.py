@@ -50,7 +50,8 @@ class Player:
     loss: LossFn  #: called once per micro-batch every iteration; runs its own autocast
     every: int = 1  #: steps on iterations ``it`` with ``it mod every = 0`` (G: GD, F and D: 1)
     frozen: Sequence[nn.Module] = ()  #: held without gradient during this player's backward
-    post_step: Sequence[Callable[[], None]] = ()  #: run in order right after each step (IDA, EMA)
+    #: run in order right after each step (IDA, EMA); a hook may return values to log (IDA's truncation error)
+    post_step: Sequence[Callable[[], dict[str, float] | None]] = ()
     label: str | None = None  #: name in the logs (``grad_norm/<label>``, ``lr/<label>``); default ``name``
 
     def __post_init__(self) -> None:

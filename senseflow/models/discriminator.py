@@ -23,7 +23,13 @@ Forward D(x, c, r):
 The reference features f(r) are computed once per iteration with :meth:`VFMDiscriminator.reference_features`
 and reused by every D call of that iteration. Only ``heads`` train (:meth:`trainable_parameters`).
 
-The text condition c is the L2-normalised CLIP text embedding of the caption (:class:`TextConditioner`).
+The text condition c is the L2-normalised CLIP text embedding of the caption (:class:`TextConditioner`, or
+:class:`CachedTextConditioner` reading it from ``data.text_cache`` without loading the CLIP text model).
+
+With ``gradient_checkpointing`` (config ``discriminator.gradient_checkpointing``) each DINOv2 layer keeps only its
+input for backward while grad is enabled and recomputes its activations in backward (``torch.utils.checkpoint``,
+non-reentrant). transformers' own ``gradient_checkpointing_enable()`` is not used: its layers checkpoint only in
+training mode, and the backbone here always runs in eval mode.
 """
 from __future__ import annotations
 
@@ -31,12 +37,13 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
+from torch.utils.checkpoint import checkpoint
 
 from senseflow.models.diffaug import POLICIES, diff_augment
 
@@ -48,6 +55,7 @@ __all__ = [
     "DiscriminatorHead",
     "VFMDiscriminator",
     "TextConditioner",
+    "CachedTextConditioner",
     "DiscriminatorBackbones",
     "load_discriminator_backbones",
 ]
@@ -172,6 +180,7 @@ class VFMDiscriminator(nn.Module):
         resize_to: backbone input size (int or (h, w)); ``None`` feeds the image at its own resolution.
         image_mean, image_std: backbone normalisation of [0, 1] images (ImageNet).
         use_embedding: also judge the patch-embedding output before block 0 (config ``hook_patch``; §9.1: yes).
+        gradient_checkpointing: checkpoint every DINOv2 layer while grad is enabled (module docstring).
     """
 
     image_mean: Tensor  # buffers (registered in __init__)
@@ -193,10 +202,12 @@ class VFMDiscriminator(nn.Module):
         image_std: Sequence[float] = IMAGENET_STD,
         use_embedding: bool = True,
         kernel_size: int = 3,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         cfg: Any = dino.config  # a transformers config (nn.Module attributes are typed Tensor | Module)
         self.use_embedding = bool(use_embedding)
+        self.c_dim = int(c_dim)  # width of the text condition c
         self.hooks = [int(h) for h in hooks]
         bad = [h for h in self.hooks if not 0 <= h < cfg.num_hidden_layers]
         if bad:
@@ -219,6 +230,14 @@ class VFMDiscriminator(nn.Module):
             DiscriminatorHead(cfg.hidden_size, c_dim, cmap_dim, downsample, virtual_batch, kernel_size)
             for _ in range(int(self.use_embedding) + len(self.hooks))
         )
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        if self.gradient_checkpointing:
+            layers = getattr(getattr(dino, "encoder", None), "layer", None)
+            if layers is None:
+                raise ValueError("discriminator.gradient_checkpointing: the backbone has no encoder.layer list "
+                                 "(expected a transformers Dinov2Model)")
+            for layer in layers:
+                setattr(layer, "forward", _checkpointed(layer.forward))  # noqa: B010 (an instance attribute)
 
     @classmethod
     def from_config(
@@ -228,15 +247,19 @@ class VFMDiscriminator(nn.Module):
         d: Any,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
+        gradient_checkpointing: bool | None = None,
     ) -> "VFMDiscriminator":
         """D from the config section ``discriminator`` (``d``): the one constructor path of the trainer and of the
-        memory plan (``senseflow memory``), so both build the same heads. The backbones are given loaded."""
+        memory plan (``senseflow memory``), so both build the same heads. The backbones are given loaded.
+        ``gradient_checkpointing`` overrides ``d.gradient_checkpointing`` (the memory plan traces D without it)."""
+        ckpt = bool(d.gradient_checkpointing) if gradient_checkpointing is None else gradient_checkpointing
         return cls(
             dino, int(c_dim), list(d.hooks), cmap_dim=int(d.cmap_dim), downsample=int(d.downsample),
             virtual_batch=int(d.virtual_batch), augment_policy=list(d.diffaug),
             translation_ratio=float(d.translation_ratio), cutout_ratio=float(d.cutout_ratio),
             resize_to=d.resolution, image_mean=image_mean, image_std=image_std,
             use_embedding=bool(d.hook_patch), kernel_size=int(d.kernel_size),
+            gradient_checkpointing=ckpt,
         )
 
     def train(self, mode: bool = True) -> "VFMDiscriminator":
@@ -302,6 +325,17 @@ class VFMDiscriminator(nn.Module):
         return torch.cat(logits, dim=1)
 
 
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` run under non-reentrant ``torch.utils.checkpoint`` while grad is enabled (plain otherwise)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
+
+
 # ---- text condition ---------------------------------------------------------------------------------------------
 class TextConditioner(nn.Module):
     """c = text_embeds / ‖text_embeds‖ of a frozen transformers ``CLIPTextModelWithProjection`` (§9.2)."""
@@ -345,13 +379,35 @@ class TextConditioner(nn.Module):
         return self.encode_ids(tok["input_ids"], tok.get("attention_mask"))
 
 
+class CachedTextConditioner(nn.Module):
+    """The text condition c read from a text cache (``data.text_cache``): ``lookup(prompts)`` gives the stored
+    L2-normalised CLIP features (B, embed_dim), computed by a :class:`TextConditioner` when the cache was built. No
+    CLIP text model is loaded."""
+
+    _anchor: Tensor  # an empty buffer: the device the features are moved to
+
+    def __init__(self, lookup: Callable[[list[str]], Tensor], embed_dim: int) -> None:
+        super().__init__()
+        self.lookup = lookup
+        self._embed_dim = int(embed_dim)
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)  # follows .to(device)
+
+    @property
+    def embed_dim(self) -> int:
+        return self._embed_dim
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str]) -> Tensor:
+        return self.lookup(list(prompts)).to(self._anchor.device, torch.float32)
+
+
 # ---- loading -----------------------------------------------------------------------------------------------------
 @dataclass
 class DiscriminatorBackbones:
     """The frozen pieces D needs, loaded from local folders."""
 
-    dino: nn.Module
-    text_model: nn.Module
+    dino: nn.Module | None  #: None when loaded with ``dino=False``
+    text_model: nn.Module | None  #: None when loaded with ``text=False`` (a text cache gives the features)
     tokenizer: Any
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
@@ -383,24 +439,34 @@ def load_discriminator_backbones(
     device: torch.device | str,
     dtype: torch.dtype,
     tokenizer_path: str | os.PathLike | None = None,
+    dino: bool = True,
+    text: bool = True,
 ) -> DiscriminatorBackbones:
     """Load a ``Dinov2Model`` and a ``CLIPTextModelWithProjection`` (+ tokenizer) from local folders only.
 
     ``clip_path`` may be a full CLIP model folder (e.g. clip-vit-large-patch14) or a text-only one; the tokenizer
-    is read from ``tokenizer_path`` (default ``clip_path``). Only safetensors weights are accepted.
+    is read from ``tokenizer_path`` (default ``clip_path``). Only safetensors weights are accepted. ``text=False``
+    loads no CLIP text model nor tokenizer (training with a text cache); ``dino=False`` no DINOv2 (building one).
     """
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, Dinov2Model
 
-    dino_path = _require_folder(dino_path, "discriminator.dino_path")
-    clip_path = _require_folder(clip_path, "discriminator.clip_path")
-    tok_path = os.fspath(tokenizer_path) if tokenizer_path is not None else clip_path
-    if not os.path.isdir(tok_path):
-        raise FileNotFoundError(f"discriminator.clip_tokenizer_path: folder {tok_path!r} does not exist")
+    dino_path = _require_folder(dino_path, "discriminator.dino_path") if dino else os.fspath(dino_path)
     kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
     # moved as nn.Modules: transformers types PreTrainedModel.to through a decorator that rejects a device
-    dino: nn.Module = Dinov2Model.from_pretrained(dino_path, **kwargs)
-    text_model: nn.Module = CLIPTextModelWithProjection.from_pretrained(clip_path, **kwargs)
-    dino, text_model = dino.to(device), text_model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
-    mean, std = _image_normalisation(dino_path)
-    return DiscriminatorBackbones(dino=dino, text_model=text_model, tokenizer=tokenizer, image_mean=mean, image_std=std)
+    backbone: nn.Module | None = None
+    if dino:
+        loaded: nn.Module = Dinov2Model.from_pretrained(dino_path, **kwargs)
+        backbone = loaded.to(device)
+    text_model: nn.Module | None = None
+    tokenizer: Any = None
+    if text:
+        clip_path = _require_folder(clip_path, "discriminator.clip_path")
+        tok_path = os.fspath(tokenizer_path) if tokenizer_path is not None else clip_path
+        if not os.path.isdir(tok_path):
+            raise FileNotFoundError(f"discriminator.clip_tokenizer_path: folder {tok_path!r} does not exist")
+        clip: nn.Module = CLIPTextModelWithProjection.from_pretrained(clip_path, **kwargs)
+        text_model = clip.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
+    mean, std = _image_normalisation(dino_path) if dino else (IMAGENET_MEAN, IMAGENET_STD)
+    return DiscriminatorBackbones(dino=backbone, text_model=text_model, tokenizer=tokenizer, image_mean=mean,
+                                  image_std=std)

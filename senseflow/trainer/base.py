@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -44,15 +43,15 @@ from senseflow.quiet import quiet_libraries
 from senseflow.trainer.checkpoint import (
     TEST_KILL_AT_ENV,
     Checkpointer,
-    CheckpointNotSaved,
-    CheckpointRefused,
     init_optimizer_state,
     kill_if_requested,
     player_parts,
+    resumed_line,
+    said_by_rank0,
 )
 from senseflow.trainer.logger import RunLogger, rewind_metrics
 from senseflow.trainer.run_lock import RunLock, exit_with_launcher, lock_run_folder
-from senseflow.trainer.stop import StopOnSignal, stop_line
+from senseflow.trainer.stop import StopOnSignal, exit_stopped
 
 #: debug: gather and compare the shared decisions of every iteration across ranks (always done for the first one)
 CHECK_DECISIONS_ENV = "SENSEFLOW_DEBUG_CHECK_DECISIONS"
@@ -153,8 +152,7 @@ class DistillationTrainer:
 
     def save(self) -> Path:
         """Checkpoint the run (every rank; see :mod:`senseflow.trainer.checkpoint` for the layout). A save that cannot
-        write its files (disk full) ends the run: rank 0 raises :class:`CheckpointNotSaved` (one line, exit 2 through
-        ``senseflow train``), the other ranks exit 2 quietly."""
+        write its files (disk full) ends the run with one line and exit 2 (:func:`said_by_rank0`)."""
         trainer_state = {
             "iteration": self.iteration,
             "world_size": self.info.world_size,
@@ -166,13 +164,9 @@ class DistillationTrainer:
         rank_state = {"rng": self.rng.state_dict(), "torch_rng": torch.get_rng_state()}
         for p in self.players:
             sfdist.reshard(p.module)
-        try:
+        with said_by_rank0(self.info.is_main):
             return self.checkpointer.save(self.iteration, self._parts(), trainer_state, rank_state,
                                           self.method.exports)
-        except CheckpointNotSaved:
-            if not self.info.is_main:  # rank 0 says why, in one line
-                raise SystemExit(2) from None
-            raise
 
     def _resume(self) -> None:
         """Continue from ``checkpoints/latest`` if there is one (resuming is running the same command again).
@@ -185,27 +179,19 @@ class DistillationTrainer:
         data position is kept (rounded down to a multiple of the new world size). Such a run continues correctly
         but is not bit-identical to any uninterrupted run, since the global batch itself changed.
         """
-        try:  # only a checkpoint of this run's own folder, and only once it matches the digest the run recorded
+        with said_by_rank0(self.info.is_main):  # only this run's own checkpoint, once it matches its digest
             path = self.checkpointer.latest()
             if path is None:
                 if self.info.is_main:  # rows of an earlier attempt killed before its first checkpoint
                     rewind_metrics(self.run_dir / "metrics.jsonl", 0)
                 return
             state, mine = self.checkpointer.load(path, self._parts())
-        except CheckpointRefused:
-            if not self.info.is_main:  # rank 0 says why, in one line
-                raise SystemExit(2) from None
-            raise
         self.iteration = int(state["iteration"])
         self.method.load_host_state(state)
         for p in self.players:
             p.scheduler.load_state_dict(state["schedulers"][p.name])
         seed, slots = int(self.cfg.experiment.seed), self.samples_per_iteration
-        if (
-            mine is not None
-            and all(f"noise_{i}" in mine["rng"] for i in range(slots))
-            and f"noise_{slots}" not in mine["rng"]
-        ):
+        if mine is not None and self.rng.holds_layout(mine["rng"]):
             self.rng.load_state_dict(mine["rng"])
             torch.set_rng_state(mine["torch_rng"])
         else:
@@ -218,9 +204,7 @@ class DistillationTrainer:
         if self.info.is_main:
             rewind_metrics(self.run_dir / "metrics.jsonl", self.iteration)
             saved_world = int(state.get("world_size", self.info.world_size))
-            note = (f" (written by {saved_world} process{'es' if saved_world > 1 else ''}, now {self.info.world_size})"
-                    if saved_world != self.info.world_size else "")
-            print(f"[senseflow] resumed from {path} at iteration {self.iteration}{note}", flush=True)
+            print(resumed_line(path, self.iteration, saved_world, self.info.world_size), flush=True)
 
     # ================================================================== training
     def _clip_and_step(self, player: Player) -> float:
@@ -263,7 +247,7 @@ class DistillationTrainer:
             if due:
                 logs[f"grad_norm/{p.label}"] = self._clip_and_step(p)
                 for hook in p.post_step:
-                    hook()
+                    logs.update(hook() or {})
             p.scheduler.step()
             logs[f"lr/{p.label}"] = p.optimizer.param_groups[0]["lr"]
             logs[f"step/{p.label}"] = float(due)
@@ -297,10 +281,7 @@ class DistillationTrainer:
                     stopped = (signum, saved or self.save())
                     break
         if stopped is not None:
-            signum, path = stopped
-            if self.info.is_main:
-                print(stop_line(signum, self.iteration, path), file=sys.stderr, flush=True)
-            raise SystemExit(128 + signum)
+            exit_stopped(stopped[0], self.iteration, stopped[1], announce=self.info.is_main)
 
     def preview(self, it: int) -> Path | None:
         """The method's sample of the fixed preview prompts as one image grid (written by rank 0)."""

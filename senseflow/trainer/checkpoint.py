@@ -56,6 +56,7 @@ Test-only hooks (environment variables, read at the named point, never set by th
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -65,7 +66,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -90,7 +91,7 @@ if TYPE_CHECKING:
 __all__ = ["Checkpointer", "CheckpointRefused", "ModelState", "OptimizerState", "player_parts", "init_optimizer_state",
            "digest_path", "record_digest", "kill_if_requested", "TEST_KILL_AT_ENV", "TEST_KILL_IN_SAVE_ENV",
            "CheckpointNotSaved", "format_bytes", "TEST_DISK_FULL_ENV",
-           "dcp_failure"]
+           "dcp_failure", "said_by_rank0", "resumed_line"]
 
 _NAME = re.compile(r"^iter_(\d{6,})$")
 TRAINER_STATE = "trainer_state.pt"
@@ -120,6 +121,25 @@ class CheckpointRefused(ValueError):
 
 class CheckpointNotSaved(ValueError):
     """A save that could not write its files (see "A save that fails" above); the message is one line."""
+
+
+@contextlib.contextmanager
+def said_by_rank0(is_main: bool) -> Iterator[None]:
+    """Around a collective save or load: a :class:`CheckpointRefused` / :class:`CheckpointNotSaved` propagates on
+    rank 0 (which says why, in one line) and ends every other rank quietly with exit status 2."""
+    try:
+        yield
+    except (CheckpointRefused, CheckpointNotSaved):
+        if not is_main:
+            raise SystemExit(2) from None
+        raise
+
+
+def resumed_line(path: Path, iteration: int, saved_world: int, world: int) -> str:
+    """The line a resumed run prints (with the process counts when they changed)."""
+    note = (f" (written by {saved_world} process{'es' if saved_world > 1 else ''}, now {world})"
+            if saved_world != world else "")
+    return f"[senseflow] resumed from {path} at iteration {iteration}{note}"
 
 
 class _DiskFullWriter(FileSystemWriter):

@@ -10,7 +10,9 @@
    :func:`senseflow.config.validate_paths`);
 2. **data set**: an LMDB's latent size against the teacher's VAE config
    (:func:`senseflow.data.lmdb_latents.check_latents_fit_teacher`) and the cheap start-up check the trainer runs too
-   (:func:`senseflow.data.check.quick_check`: format, structure, record count and a few samples fully read);
+   (:func:`senseflow.data.check.quick_check`: format, structure, record count and a few samples fully read); with
+   ``data.text_cache``, the cache is complete and not stale for this config
+   (:func:`senseflow.data.text_cache.check_text_cache`: its index and the caption list, no tensor);
 3. **save folder**: ``--save_path`` is a folder that exists and is writable, or can be created (its nearest existing
    parent is a writable folder); the entries the run writes into (``checkpoints/``, ``previews/``, ``tensorboard/``,
    ``metrics.jsonl``) are writable where they exist; no live process holds the folder's lock
@@ -46,6 +48,10 @@ SHAPE_KEYS = (
     "teacher.family",
     "method.name",
     "method.dmd2_cls.enabled",
+    "model.lora.student.rank",  # a LoRA player's checkpoint parts hold its adapter only (docs/method.md §3.8)
+    "model.lora.student.target_modules",
+    "model.lora.fake.rank",
+    "model.lora.fake.target_modules",
     "optimizer.name",
     "discriminator.hooks",
     "discriminator.hook_patch",
@@ -86,6 +92,7 @@ def preflight(cfg: Any, save_path: str | os.PathLike, trainer: str | None = None
     run_dir = Path(save_path)
     _check_config(cfg, trainer)
     records = _check_data(cfg)
+    _check_text_cache(cfg)
     _check_folders(run_dir)
     checkpoint = _check_latest(cfg, run_dir)
     if checkpoint is not None:
@@ -128,6 +135,18 @@ def _check_data(cfg: Any) -> int:
     except (FileNotFoundError, ValueError) as err:  # DataError, a bad data.kind
         line = _one_line(err)
         raise PreflightError(line if line.startswith("data.path") else f"data.path: {line}") from None
+
+
+def _check_text_cache(cfg: Any) -> None:
+    """``data.text_cache``, when set, is a complete cache of this config (its index only, docs/method.md §13.5)."""
+    if cfg.data.text_cache is None:
+        return
+    from senseflow.data.text_cache import check_text_cache
+
+    try:
+        check_text_cache(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        raise PreflightError(_one_line(err)) from None
 
 
 # ---- 3. save folder ----------------------------------------------------------------------------------------------

@@ -38,12 +38,12 @@ import sys
 import threading
 import time
 from types import FrameType, TracebackType
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["REPEAT_WINDOW_S", "STOP_SIGNALS", "StopOnSignal", "stop_line"]
+__all__ = ["REPEAT_WINDOW_S", "STOP_SIGNALS", "StopOnSignal", "stop_line", "exit_stopped"]
 
 #: the signals that ask for a clean stop
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
@@ -117,3 +117,11 @@ def stop_line(signum: int, iteration: int, checkpoint: object) -> str:
     """The one line a stopped run prints."""
     return (f"[senseflow] stopped by {signal.Signals(signum).name} after iteration {iteration}; checkpoint "
             f"{checkpoint}; to resume, run the same command again")
+
+
+def exit_stopped(signum: int, iteration: int, checkpoint: object, announce: bool) -> NoReturn:
+    """End a run stopped by ``signum`` after its checkpoint: :func:`stop_line` (when ``announce``: rank 0) and exit
+    status 128 + signum, so a scheduler sees the run did not finish."""
+    if announce:
+        print(stop_line(signum, iteration, checkpoint), file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)

@@ -113,6 +113,11 @@ class FluxFamily(DiffusersFamily):
     #: docs/method.md decision 4: G and F have no distilled-guidance embedding
     student_overrides = MappingProxyType({"guidance_embeds": False})
     student_ignore_prefixes = (GUIDANCE_PREFIX,)
+    #: FluxTransformerBlock's joint attention and feed-forwards, FluxSingleTransformerBlock's MLP and output
+    #: projections (``proj_out`` also names the final projection)
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                           "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                           "proj_mlp", "proj_out")
     export_readme_note = (
         "The student has no guidance embedding (`guidance_embeds: false`), so `guidance_scale` has no effect; "
         "do not pass `negative_prompt` (that would switch on true CFG)."
@@ -227,11 +232,13 @@ class FluxFamily(DiffusersFamily):
         t5 = t["text_encoder_2"](
             self._tokenize(t["tokenizer_2"], prompts, self.t5_max_length), output_hidden_states=False
         )[0]
-        return Condition(
-            prompt_embeds=t5.to(self.device),
-            pooled=pooled.to(self.device),
-            text_ids=torch.zeros(t5.shape[1], 3, device=self.device, dtype=t5.dtype),
-        )
+        return self.assemble_condition(t5.to(self.device), pooled.to(self.device))
+
+    def assemble_condition(self, prompt_embeds: Tensor, pooled: Tensor, original_sizes: Tensor | None = None,
+                           crop_coords: Tensor | None = None) -> Condition:
+        """The encoders' outputs with text_ids = zeros (sequence, 3) in their dtype."""
+        return Condition(prompt_embeds=prompt_embeds, pooled=pooled,
+                         text_ids=torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=prompt_embeds.dtype))
 
     # ---- denoiser ------------------------------------------------------------------------------------------
     def has_guidance_embedding(self, net: nn.Module) -> bool:

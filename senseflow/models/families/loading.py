@@ -297,9 +297,21 @@ class DiffusersFamily(TeacherFamily):
 
     def encode_prompts(self, prompts: Sequence[str], original_sizes: Tensor | None = None,
                        crop_coords: Tensor | None = None) -> Condition:
-        """:meth:`encode_text` without gradients (what distillation, inference and evaluation use)."""
+        """:meth:`encode_text` without gradients (what distillation, inference and evaluation use); with a
+        :attr:`text_cache` the encoder outputs are the cached rows of the captions (no text encoder runs)."""
+        if self.text_cache is not None:
+            prompts = list(prompts)
+            return self.assemble_condition(self.text_cache.stack(prompts, "prompt_embeds").to(self.device),
+                                           self.text_cache.stack(prompts, "pooled").to(self.device),
+                                           original_sizes, crop_coords)
         with torch.no_grad():
             return self.encode_text(prompts, original_sizes, crop_coords)
+
+    def assemble_condition(self, prompt_embeds: Tensor, pooled: Tensor, original_sizes: Tensor | None = None,
+                           crop_coords: Tensor | None = None) -> Condition:
+        """The :class:`Condition` of the text encoders' outputs plus what no encoder computes (SDXL's time ids,
+        FLUX's text ids): the one place :meth:`encode_text` and a text cache both build it."""
+        return Condition(prompt_embeds=prompt_embeds, pooled=pooled)
 
     def training_condition(self, prompts: Sequence[str], drop: Tensor, original_sizes: Tensor | None = None,
                            crop_coords: Tensor | None = None) -> Condition:

@@ -82,6 +82,9 @@ class SD3Family(DiffusersFamily):
     })
     #: the transformer's timestep argument is timestep_scale·σ
     timestep_scale = 1000.0
+    #: JointTransformerBlock: the joint attention's image and context projections, both feed-forwards
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                           "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
     export_readme_note = (
         "`sigmas` are the *unshifted* grid; the scheduler's shift 3 turns them into the training anchors "
         "σ = 1, 0.9, 0.75, 0.5. `guidance_scale=1` switches CFG off; `max_sequence_length=77` is the T5 "

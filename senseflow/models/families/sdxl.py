@@ -91,6 +91,8 @@ class SDXLFamily(DiffusersFamily):
     inference_flags = ("sdxl_ckpt", "unet_config")
     public_vae = "sdxl_vae"
     checkpoint_units = ("ResnetBlock2D", "BasicTransformerBlock")  # what diffusers checkpoints inside the UNet
+    #: BasicTransformerBlock: self- and cross-attention projections and the (GEGLU) feed-forward
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
     tiny_teachers = MappingProxyType({"sdxl": _TINY})
     export_readme_note = (
         "`timesteps` are the training anchors; `guidance_scale=0` switches CFG off. The scheduler is an "
@@ -220,11 +222,15 @@ class SDXLFamily(DiffusersFamily):
             ids = self._tokenize(t[tok], prompts, self.clip_max_length)
             out = t[enc](ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
-        return Condition(
-            prompt_embeds=torch.cat(hidden, dim=-1).to(self.device),
-            pooled=out.text_embeds.to(self.device),
-            time_ids=self.time_ids(len(prompts), original_sizes, crop_coords),
-        )
+        return self.assemble_condition(torch.cat(hidden, dim=-1).to(self.device), out.text_embeds.to(self.device),
+                                       original_sizes, crop_coords)
+
+    def assemble_condition(self, prompt_embeds: Tensor, pooled: Tensor,
+                           original_sizes: Tensor | Sequence | None = None,
+                           crop_coords: Tensor | Sequence | None = None) -> Condition:
+        """The encoders' outputs with the time ids of the batch's sizes and crops."""
+        return Condition(prompt_embeds=prompt_embeds, pooled=pooled,
+                         time_ids=self.time_ids(len(prompt_embeds), original_sizes, crop_coords))
 
     def _compute_unconditional(self) -> Condition:
         """Zeros for prompt_embeds and pooled (the SDXL reference's unconditional branch)."""
