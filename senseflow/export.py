@@ -33,13 +33,14 @@ refused (exit 2) unless ``--overwrite``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -235,6 +236,21 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to write the export into: on success its files get the user's umask and
+    it replaces ``out`` (:func:`_replace_dir`); on any failure it is removed and ``out`` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _publish_permissions(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export(
     teacher: Path | str,
     checkpoint: Path | str,
@@ -284,9 +300,7 @@ def export(
     quiet_libraries()
     student = load_student(source, config, dtype=dtype, ignore_prefixes=fam.student_ignore_prefixes,
                            fallback_class=fam.denoiser_class_name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _staged_folder(out) as tmp:
         _copy_tree(teacher, tmp, skip={sub, "scheduler", "README.md", "senseflow_export.json"}, copy=copy)
         student.save_pretrained(tmp / sub, safe_serialization=True)
         (tmp / "scheduler").mkdir()
@@ -305,11 +319,6 @@ def export(
         }
         (tmp / "senseflow_export.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(readme_text(family, steps, str(out.resolve()), str(checkpoint)))
-        _publish_permissions(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -363,9 +372,7 @@ def _write_lora_folder(
     overrides = {k: v for k, v in fam.student_overrides.items() if teacher_config.get(k) != v}
     unfusable = unfusable_layers(model)
     summary = extraction.summary()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _staged_folder(out) as tmp:
         write_lora(tmp, pipeline_class, sub, state, metadata)
         scheduler_class = None
         if sched != teacher_sched:
@@ -388,11 +395,6 @@ def _write_lora_folder(
         (tmp / "README.md").write_text(lora_readme_text(
             fam.name, steps, str(out.resolve()), str(checkpoint), str(teacher.resolve()), overrides, scheduler_class,
             summary, unfusable))
-        _publish_permissions(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
