@@ -220,6 +220,9 @@ def test_cli_json_on_two_nodes_with_hybrid_sharding(tiny_flux_plan, capsys):
     (["--gpus", "8"], "--config"),
     (["--config", str(FLUX_PRESET), "--gpus", "eight"], "--gpus"),
     (["--config", str(FLUX_PRESET), "--gpus", "8", "method.gdd=5"], "method.gdd"),
+    (["--config", str(FLUX_PRESET), "--gpus", "1", "--denoiser-set", "guidance=false"], "--denoiser-set guidance"),
+    (["--config", str(FLUX_PRESET), "--gpus", "1", "--denoiser-set", "guidance_embeds"], "KEY=VALUE"),
+    (["--config", str(FLUX_PRESET), "--gpus", "1", "--max-batch", "--batch-limit", "0"], "--batch-limit"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert main_memory(argv) == 2
@@ -247,3 +250,101 @@ def test_plan_counts_the_discriminator_the_trainer_builds(hook_patch, tiny_flux_
     assert len(real.heads) == 2 + int(hook_patch) and row.label == f"D heads ×{len(real.heads)}"
     assert row.params == row.trainable == sum(p.numel() for p in real.trainable_parameters())
     assert row.params == len(real.heads) * analytic_head_params(32, real.heads[0].cmapper.weight.shape[1], 64, 3, 5)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA players
+LORA_RANK = 4
+TINY_FLUX_DEDISTILLED = dict(TINY_FLUX, guidance_embeds=False)  # adapters live on the teacher's own network
+
+
+def lora_linear_params(net: torch.nn.Module, targets: tuple[str, ...], rank: int) -> int:
+    """Σ r·(in + out) over the Linear layers whose module path ends with a target pattern (peft's matching),
+    counted from the real layers independently of peft."""
+    return sum(rank * (m.in_features + m.out_features) for name, m in net.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets))
+
+
+def test_lora_rows_equal_a_tiny_trainers_measured_tensors(tmp_path_factory):
+    """The tiny SD3.5-Medium trainer with G and F as rank-4 adapters, 32-bit AdamW and the EMA: after one optimiser
+    step of each adapter, the plan's rows equal the storage of the base, of each adapter, its gradient, its AdamW
+    state (less the host ``step`` scalars) and of the EMA shadow."""
+    from dist_runs import build_assets, config_path
+    from senseflow.trainer import get_trainer
+
+    assets = build_assets(tmp_path_factory.getbasetemp() / "dist_assets", kinds=("sd35-medium",))
+    cfg = load_config(config_path("sd35_senseflow"), [
+        f"teacher.path={assets / 'sd35-medium'}", f"data.path={assets / 'data' / 'dataset.json'}",
+        f"discriminator.dino_path={assets / 'backbones' / 'dinov2'}",
+        f"discriminator.clip_path={assets / 'backbones' / 'clip_text'}",
+        f"model.lora.student.rank={LORA_RANK}", f"model.lora.fake.rank={LORA_RANK}", "optimizer.name=adamw",
+        "train.ema.enabled=true"])
+    trainer = get_trainer("sd35_senseflow")(cfg, tmp_path_factory.mktemp("lora_mem") / "run")
+    trainer.setup()
+    shared, players = trainer.method.shared, {p.name: p for p in trainer.players}
+    for key, name in (("student", "generator"), ("fake", "fake")):
+        weights = shared.weights[key]
+        assert {id(p) for p in weights.parameters()} == {id(q) for g in players[name].optimizer.param_groups
+                                                          for q in g["params"]}  # the adapter alone is optimised
+        sum(p.float().pow(2).sum() for p in weights.parameters()).backward()
+        players[name].optimizer.step()
+    plan = plan_memory(cfg, 1, scenarios=False)  # the teacher folder's own config.json
+    rows = {r.key: r for r in plan.networks}
+    for key, name in (("student", "generator"), ("fake", "fake")):
+        weights, row = shared.weights[key], rows[name]
+        state = [t for p in weights.parameters() for t in players[name].optimizer.state[p].values()
+                 if torch.is_tensor(t) and t.dim() > 0]
+        assert row.param_bytes == storage_bytes(weights.parameters())
+        assert row.grad_bytes == storage_bytes(p.grad for p in weights.parameters())
+        assert row.optim_bytes == storage_bytes(state)
+    base = [p for n, p in shared.base.named_parameters() if ".lora_" not in n]
+    assert rows["teacher"].param_bytes == storage_bytes(base)  # one base, counted once
+    assert rows["teacher"].params == sum(p.numel() for p in base)
+    assert rows["ema"].param_bytes == storage_bytes(trainer.method.ema.shadow.values())
+
+
+def test_lora_plan_holds_one_base_and_adapters_of_r_times_in_plus_out(tmp_path):
+    """FLUX preset at 64 px on a tiny de-distilled FLUX: with G and F as rank-4 adapters the plan has one frozen
+    base and two adapters of Σ r·(in + out) over the family's target Linears; its resident bytes are the full-weight
+    plan's less two denoisers' fp32 parameters and AdamW states (plus the adapters'), its peak is lower by at least
+    that much, and G's backward holds the adapter's gradients instead of the denoiser's."""
+    from senseflow.models.families import get_family
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_FLUX_DEDISTILLED))
+    base = ["teacher.resolution=64", "data.resolution=64", "teacher.t5_max_length=16"]
+    lora = [f"model.lora.student.rank={LORA_RANK}", f"model.lora.fake.rank={LORA_RANK}"]
+    full = plan_memory(load_config(FLUX_PRESET, base), 1, denoiser=str(tmp_path), optimizer="adamw",
+                       scenarios=False)
+    plan = plan_memory(load_config(FLUX_PRESET, base + lora), 1, denoiser=str(tmp_path), optimizer="adamw",
+                       scenarios=False)
+    f_rows, l_rows = ({r.key: r for r in p.networks} for p in (full, plan))
+    net = build_meta(dict(TINY_FLUX_DEDISTILLED))
+    adapter = lora_linear_params(net, get_family("flux").lora_target_modules, LORA_RANK)
+    n = sum(p.numel() for p in net.parameters())
+    assert adapter > 0 and [r.key for r in plan.networks].count("teacher") == 1
+    for key in ("generator", "fake"):
+        assert l_rows[key].params == l_rows[key].trainable == adapter
+        assert f_rows[key].params == n
+    assert l_rows["teacher"].params == f_rows["teacher"].params == n
+    assert l_rows["teacher"].param_bytes == f_rows["teacher"].param_bytes
+    denoiser_state = f_rows["generator"].param_bytes + f_rows["generator"].optim_bytes
+    adapter_state = l_rows["generator"].param_bytes + l_rows["generator"].optim_bytes
+    assert full.static_bytes - plan.static_bytes == 2 * (denoiser_state - adapter_state)
+    assert full.peak_bytes - plan.peak_bytes >= full.static_bytes - plan.static_bytes
+    g_backward = "G step, G backward"  # G's fp32 gradients: the whole denoiser's, or the adapter's
+    assert f_rows["generator"].grad_bytes - l_rows["generator"].grad_bytes == 4 * (n - adapter)
+    assert full.phases[g_backward] - plan.phases[g_backward] >= 4 * (n - adapter)
+
+
+def test_lora_on_flux_dev_is_refused_as_the_trainer_refuses_it_and_a_de_distilled_base_plans(capsys):
+    lora = ["model.lora.student.rank=64", "model.lora.fake.rank=64", "teacher.resolution=256", "data.resolution=256"]
+    assert main_memory(["--config", str(FLUX_PRESET), "--gpus", "1", *lora]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "guidance_embeds" in err and "model.lora.student.rank" in err
+    argv = ["--config", str(FLUX_PRESET), "--gpus", "8", "--gpu-gib", "24", "--denoiser-set", "guidance_embeds=false",
+            "--max-batch", "--batch-limit", "4", "--json", *lora]
+    assert main_memory(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["key"]: r for r in out["networks"]}
+    assert rows["generator"]["params"] == 261_689_344  # r·(in + out) over the 419 target Linears of FLUX.1-dev, r = 64
+    assert out["denoiser_arch"].endswith("(guidance_embeds=False)")
+    assert len(out["max_batches"]) == 8 and all(0 <= s["max_batch"] <= 4 for s in out["max_batches"])

@@ -13,6 +13,11 @@ parameter counts are the real tensors' ``numel`` and cost no memory. Bytes per G
 * **optimiser states**: AdamW: exp_avg + exp_avg_sq in fp32, 8 B/element (+4 B ``step`` per tensor, on the host);
   8-bit AdamW (bitsandbytes): per tensor of n ≥ 4096 elements 2 B/element + 2·4·⌈n/256⌉ B block-wise absmax +
   2·1 KiB quantisation maps; smaller tensors keep 32-bit states (8 B/element).
+* **LoRA players** (``model.lora.<player>.rank`` = r > 0): no copy of their own; T's row is the one frozen shared
+  base (``teacher.dtype``, sharded once) and the player's row is its peft adapter, built on meta by the trainer's
+  ``SharedBase.add_adapters`` on the real layers: r·(in + out) parameters per targeted Linear of in × out, fp32, with
+  fp32 gradients and the optimiser state above. **EMA** (``train.ema.enabled``): an fp32 shadow of G's trained
+  parameters (the adapter for a LoRA student), placed like them.
 * **activations** (bytes autograd keeps for backward): measured by running each network's forward on meta tensors
   under a saved-tensor hook, at ``teacher.resolution`` and ``train.batch_size``, deduplicated by storage and
   excluding parameters. bf16 autocast is emulated (matmul/linear/conv/attention inputs cast to bf16; norms,

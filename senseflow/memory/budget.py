@@ -104,6 +104,7 @@ class NetworkMemory:
     host_bytes: int = 0  # per GPU, in host memory (CPU offload)
     unit_params: int = 0  # largest FSDP unit
     root_params: int = 0  # parameters outside FSDP units
+    unit_grad_params: int = 0  # trained parameters of the largest FSDP unit (its fp32 gradient in the backward)
 
     @property
     def static_bytes(self) -> int:
@@ -122,6 +123,10 @@ class _Net:
     dtype: str
     sharded: bool
     fsdp_units: tuple[str, ...] = ()
+    # a LoRA adapter lives inside the shared base's FSDP units: the base (with its adapters) is what FSDP gathers,
+    # and ``unit_grad`` adapter parameters of the largest unit get gradients
+    unit_source: nn.Module | None = None
+    unit_grad: int | None = None
 
     def row(self, optimizer: str, shards: int, offload: bool) -> NetworkMemory:
         """Per-GPU bytes: params in ``dtype``; for trained nets fp32 grads and the optimiser state."""
@@ -133,9 +138,11 @@ class _Net:
         optim = optimizer_state_bytes(shapes, optimizer, s, include_step=False) if self.trainable else 0
         buffers = sum(b.numel() * (DTYPE_BYTES[self.dtype] if b.is_floating_point() else b.element_size())
                       for b in self.module.buffers())
-        unit, root = _unit_params(self.module, self.fsdp_units) if self.sharded else (0, 0)
+        source = self.module if self.unit_source is None else self.unit_source
+        unit, root = _unit_params(source, self.fsdp_units) if self.sharded else (0, 0)
+        unit_grad = (unit if self.unit_grad is None else self.unit_grad) if self.trainable else 0
         row = NetworkMemory(self.key, self.label, self.arch, count, count if self.trainable else 0, self.dtype,
-                            self.sharded, params, buffers, grads, optim, 0, unit, root)
+                            self.sharded, params, buffers, grads, optim, 0, unit, root, unit_grad)
         if offload and self.sharded:
             row.host_bytes = params + grads + optim
             row.param_bytes = row.grad_bytes = row.optim_bytes = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from senseflow.core.argparsing import RaisingParser
 from senseflow.memory.arch import arch_names
@@ -15,6 +15,21 @@ from senseflow.memory.report import format_plan
 
 class _ArgError(Exception):
     pass
+
+
+def _key_values(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings of ``--denoiser-set`` → a dict, each value read as JSON (``false``, ``3072``) or else
+    kept as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MemoryPlanError(f"--denoiser-set {item!r}: expected KEY=VALUE, e.g. guidance_embeds=false")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 class _Parser(RaisingParser):
@@ -36,6 +51,12 @@ def main_memory(argv: Sequence[str] | None = None) -> int:
     denoisers = ", ".join(n for n in arch_names() if "transformer" in n or "unet" in n)
     p.add_argument("--denoiser", default=None,
                    help=f"teacher architecture: a shipped name ({denoisers}) or a config.json / folder")
+    p.add_argument("--denoiser-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="replace an entry of the teacher architecture's config (JSON value), e.g. "
+                        "guidance_embeds=false for a de-distilled FLUX.1-dev; repeatable")
+    p.add_argument("--max-batch", action="store_true",
+                   help="also search the largest train.batch_size per GPU that fits, for every scenario")
+    p.add_argument("--batch-limit", type=int, default=256, help="largest batch --max-batch tries (default 256)")
     p.add_argument("--teacher", choices=("shard", "replicate"), default="shard",
                    help="frozen teacher placement (default shard: FSDP like G and F)")
     p.add_argument("--disc-backbone-dtype", choices=tuple(DTYPE_BYTES), default="float32",
@@ -60,10 +81,12 @@ def main_memory(argv: Sequence[str] | None = None) -> int:
         if not Path(args.config).is_file():
             raise FileNotFoundError(f"--config {args.config}: no such file")
 
+        denoiser_set = _key_values(args.denoiser_set)
         cfg = load_config(args.config, list(args.overrides))
         plan = plan_memory(cfg, args.gpus, args.nodes, args.gpu_gib, config_path=args.config, denoiser=args.denoiser,
                            teacher_sharded=args.teacher == "shard", disc_backbone_dtype=args.disc_backbone_dtype,
-                           reserve_frac=args.reserve_frac, context_gib=args.context_gib)
+                           reserve_frac=args.reserve_frac, context_gib=args.context_gib, denoiser_set=denoiser_set,
+                           max_batch_limit=args.batch_limit if args.max_batch else None)
     except (ConfigError, MemoryPlanError, FileNotFoundError) as exc:
         print(f"error: senseflow memory: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,9 @@
 the trace of one iteration's forwards with grad at the config's resolution and per-GPU batch."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from senseflow.memory.arch import _no_power_iterations, build_meta, load_arch_co
 from senseflow.memory.budget import MemoryPlanError, _Net
 
 if TYPE_CHECKING:
+    from senseflow.method.adapters import SharedBase
     from senseflow.models.discriminator import VFMDiscriminator
 
 # the discriminator's backbones when its configs are not local folders
@@ -28,20 +30,33 @@ def _family(cfg: Any) -> Any:
     return get_family(cfg.teacher.family)
 
 
-def _resolve_denoiser(cfg: Any, denoiser: str | None) -> tuple[str, dict[str, Any]]:
+def _resolve_denoiser(cfg: Any, denoiser: str | None,
+                      denoiser_set: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """The teacher's architecture: ``denoiser`` (a shipped name or a path), else the teacher folder's own
-    ``config.json`` when it exists, else the family's shipped public config."""
+    ``config.json`` when it exists, else the family's shipped public config; then ``denoiser_set`` replaces entries
+    of that config (e.g. ``guidance_embeds: false``: a de-distilled FLUX.1-dev). A key the config does not hold is
+    refused."""
     fam = _family(cfg)
     if denoiser:
-        return str(denoiser), load_arch_config(denoiser)
-    local = Path(cfg.teacher.path) / fam.denoiser_subfolder / "config.json"
-    if local.is_file():
-        return str(local), load_arch_config(local)
-    try:
-        name = fam.public_denoiser(f"{cfg.experiment.name} {cfg.teacher.path}".lower())
-    except ValueError as exc:
-        raise MemoryPlanError(str(exc)) from None
-    return name, load_arch_config(name)
+        name, config = str(denoiser), load_arch_config(denoiser)
+    else:
+        local = Path(cfg.teacher.path) / fam.denoiser_subfolder / "config.json"
+        if local.is_file():
+            name, config = str(local), load_arch_config(local)
+        else:
+            try:
+                name = fam.public_denoiser(f"{cfg.experiment.name} {cfg.teacher.path}".lower())
+            except ValueError as exc:
+                raise MemoryPlanError(str(exc)) from None
+            config = load_arch_config(name)
+    if denoiser_set:
+        unknown = sorted(k for k in denoiser_set if k not in config)
+        if unknown:
+            raise MemoryPlanError(f"--denoiser-set {unknown[0]}: not a key of the architecture config {name} "
+                                  f"(expected one of: {', '.join(sorted(k for k in config if not k.startswith('_')))})")
+        config = dict(config, **denoiser_set)
+        name += " (" + ", ".join(f"{k}={v}" for k, v in denoiser_set.items()) + ")"
+    return name, config
 
 
 def _local_or_shipped(cfg: Any, subfolder: str, shipped: str) -> dict[str, Any]:
@@ -81,19 +96,82 @@ def analytic_head_params(channels: int, c_dim: int, cmap_dim: int, downsample: i
     return 2 * stack + 2 * conv(1, channels, cmap_dim) + c_dim * cmap_dim + cmap_dim
 
 
-def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded: bool,
-                    disc_backbone_dtype: str
-                    ) -> tuple[str, dict[str, Any], list[_Net], VFMDiscriminator | None, list[str]]:
-    """(teacher arch name, its config, the run's networks on meta, the meta VFMDiscriminator or None, notes)."""
+def _lora_base(cfg: Any, den_cfg: dict[str, Any]) -> SharedBase | None:
+    """With ``model.lora.<player>.rank > 0``: the teacher's network on meta carrying the LoRA players' peft adapters
+    (the trainer's own :meth:`SharedBase.add_adapters`: the family's target modules matched on the real layers,
+    adapters in fp32, the base frozen), else None. A teacher the adapters cannot live on is refused with the
+    trainer's line."""
+    from types import SimpleNamespace
+
+    from senseflow.method.adapters import SharedBase, adapter_specs, check_lora_fits_teacher
+
     fam = _family(cfg)
-    arch, den_cfg = _resolve_denoiser(cfg, denoiser)
+    try:
+        specs = adapter_specs(cfg.model.lora, tuple(fam.lora_target_modules))
+        check_lora_fits_teacher(SimpleNamespace(name=fam.name, student_overrides=fam.student_overrides,
+                                                denoiser_config=den_cfg), specs)
+    except ValueError as exc:
+        raise MemoryPlanError(str(exc)) from None
+    if not specs:
+        return None
+    base = build_meta(den_cfg)
+    with torch.device("meta"):
+        try:
+            SharedBase.add_adapters(base, specs)
+            return SharedBase(base, specs)
+        except ValueError as exc:  # peft / AdapterWeights: no layer matches the target modules
+            raise MemoryPlanError(f"model.lora: {exc}") from None
+
+
+def _adapter_unit_params(shared: SharedBase, key: str, unit_types: Sequence[str]) -> int:
+    """Parameters of adapter ``key`` inside the largest FSDP unit of the shared base (the gradient a unit's backward
+    writes)."""
+    names = set(unit_types)
+    mine = {id(p) for p in shared.weights[key].parameters()}
+    counts = [sum(p.numel() for p in m.parameters() if id(p) in mine)
+              for m in shared.base.modules() if type(m).__name__ in names]
+    return max(counts, default=0)
+
+
+def _players(cfg: Any, arch: str, den_cfg: dict[str, Any], student_cfg: dict[str, Any], shared: SharedBase | None,
+             fsdp: bool, teacher_sharded: bool, units: tuple[str, ...]) -> list[_Net]:
+    """G, F, T (and G's EMA): full fp32 copies, or LoRA adapters on one frozen shared base (docs/memory_plan.md)."""
+    labels = {"generator": ("student", "generator G", "G"), "fake": ("fake", "fake score F", "F")}
+    nets = []
+    for key, (lora_key, label, short) in labels.items():
+        if shared is not None and lora_key in shared.specs:
+            spec = shared.specs[lora_key]
+            nets.append(_Net(key, f"{short}: LoRA adapter r={spec.rank}", f"{arch} LoRA r={spec.rank}",
+                             shared.weights[lora_key], True, "float32", fsdp and teacher_sharded, units,
+                             unit_source=shared.base, unit_grad=_adapter_unit_params(shared, lora_key, units)))
+        else:
+            nets.append(_Net(key, label, arch, build_meta(student_cfg), True, "float32", fsdp, units))
+    label = "teacher T" if shared is None else "T = shared base"
+    nets.append(_Net("teacher", label, arch, build_meta(den_cfg), False, cfg.teacher.dtype, fsdp and teacher_sharded,
+                     units))
+    if bool(cfg.train.ema.enabled):  # fp32 shadow of G's trained parameters (senseflow.method.optim.EMA)
+        g = nets[0]
+        nets.append(_Net("ema", "EMA of G (fp32)", g.arch, g.module, False, "float32", g.sharded))
+    return nets
+
+
+def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded: bool,
+                    disc_backbone_dtype: str, denoiser_set: Mapping[str, Any] | None = None
+                    ) -> tuple[str, dict[str, Any], list[_Net], VFMDiscriminator | None, list[str], SharedBase | None]:
+    """(teacher arch name, its config, the run's networks on meta, the meta VFMDiscriminator or None, notes, the
+    shared LoRA base or None)."""
+    fam = _family(cfg)
+    arch, den_cfg = _resolve_denoiser(cfg, denoiser, denoiser_set)
+    shared = _lora_base(cfg, den_cfg)
     student_cfg = dict(den_cfg, **fam.student_overrides) if fam.student_overrides else den_cfg  # FLUX: decision 4
     units, notes = tuple(t.__name__ for t in fam.block_types()), []  # one FSDP unit each
-    nets = [
-        _Net("generator", "generator G", arch, build_meta(student_cfg), True, "float32", fsdp, units),
-        _Net("fake", "fake score F", arch, build_meta(student_cfg), True, "float32", fsdp, units),
-        _Net("teacher", "teacher T", arch, build_meta(den_cfg), False, cfg.teacher.dtype, fsdp and teacher_sharded,
-             units),
+    nets = _players(cfg, arch, den_cfg, student_cfg, shared, fsdp, teacher_sharded, units)
+    if shared is not None:
+        notes.append("LoRA: " + ", ".join(f"{k} adapter rank {s.rank}, alpha {s.alpha:g}, "
+                                          f"{sum(p.numel() for p in shared.weights[k].parameters()):,} parameters"
+                                          for k, s in shared.specs.items())
+                     + "; T, G and F share one frozen base (counted once, teacher.dtype)")
+    nets += [
         _Net("vae", "VAE", fam.public_vae, build_meta(_local_or_shipped(cfg, "vae", fam.public_vae)), False,
              cfg.teacher.vae_dtype, False),
     ]
@@ -138,21 +216,28 @@ def _build_networks(cfg: Any, denoiser: str | None, fsdp: bool, teacher_sharded:
         nets.append(_Net("dmd2_head", "DMD2 classifier head", "DMD2ClassifierHead", head, True, "float32", False))
         notes.append("DMD2 classifier: its fake-UNet forward with grad is counted as one more denoiser activation "
                      "in the G and F steps (upper bound)")
-    return arch, student_cfg, nets, disc, notes
+    return arch, student_cfg, nets, disc, notes, shared
 
 
 def _trace_run(cfg: Any, student_cfg: dict[str, Any], nets: list[_Net], disc: VFMDiscriminator | None,
-               disc_backbone_dtype: str) -> _Traces:
-    """Trace the forwards with grad of one iteration at the config's resolution and per-GPU batch."""
-    fam, batch, res = _family(cfg), int(cfg.train.batch_size), int(cfg.teacher.resolution)
+               disc_backbone_dtype: str, shared: SharedBase | None = None, batch: int | None = None) -> _Traces:
+    """Trace the forwards with grad of one iteration at the config's resolution and per-GPU batch (``batch``, else
+    ``train.batch_size``). A LoRA generator
+    is traced as the trainer runs it: the frozen shared base with the student adapter active (the base's layers
+    keep no inputs for a weight gradient; each adapted layer keeps its input and the rank-r product for B's)."""
+    fam, res = _family(cfg), int(cfg.teacher.resolution)
+    batch = int(cfg.train.batch_size) if batch is None else batch
     compute = None if cfg.train.mixed_precision == "fp32" else torch.bfloat16
     by: dict[str, Any] = {n.key: n.module for n in nets}  # diffusers / transformers models (dynamic configs)
     vae = by["vae"].to(DTYPES[cfg.teacher.vae_dtype])
     lat = res // vae_factor(vae.config)  # latent side (VAE downsampling 8)
-    gen = by["generator"].to(compute or torch.float32)  # FSDP2 MixedPrecisionPolicy: blocks compute in bf16
+    lora_g = shared is not None and "student" in shared.specs
+    gen = shared.base if shared is not None and lora_g else by["generator"]
+    gen.to(compute or torch.float32)  # FSDP2 MixedPrecisionPolicy: blocks compute in bf16
     units = fam.checkpoint_units or tuple(t.__name__ for t in fam.block_types())
-    den = trace_activations(gen, _denoiser_inputs(cfg, student_cfg, batch, lat, compute or torch.float32), units,
-                            compute)
+    run = _denoiser_inputs(cfg, student_cfg, batch, lat, compute or torch.float32)
+    with shared.active("student") if shared is not None and lora_g else contextlib.nullcontext():
+        den = trace_activations(gen, run, units, compute)
     gen.float()
     channels = int(vae.config.latent_channels)
     z = torch.zeros(batch, channels, lat, lat, device="meta", dtype=DTYPES[cfg.teacher.vae_dtype],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from senseflow.memory.activations import _Traces
 from senseflow.memory.arch import _quiet_diffusers
@@ -45,6 +45,7 @@ class MemoryPlan:
     phases: dict[str, int]  # phase → transient bytes (grads + activations + working set)
     notes: list[str]
     scenarios: list[dict[str, Any]] = field(default_factory=list)
+    max_batches: list[dict[str, Any]] = field(default_factory=list)  # per scenario: the largest batch that fits
 
     @property
     def world_size(self) -> int:
@@ -92,7 +93,7 @@ def _phases(rows: list[NetworkMemory], t: _Traces, opts: MemoryOptions) -> tuple
         if r is None or not r.sharded:
             return 0
         gathered = (2 * r.unit_params + r.root_params) * (2 if t.compute is not None else DTYPE_BYTES[r.dtype])
-        return gathered + (r.unit_params * 4 if backward else 0)
+        return gathered + (r.unit_grad_params * 4 if backward else 0)
 
     grads = lambda key: by[key].grad_bytes if key in by else 0  # noqa: E731
     a_g = t.denoiser.saved(checkpointing)
@@ -130,14 +131,19 @@ def plan_memory(cfg: Any, gpus_per_node: int, nodes: int = 1, gpu_gib: float = 8
                 config_path: str = "", denoiser: str | None = None, teacher_sharded: bool = True,
                 disc_backbone_dtype: str = "float32", reserve_frac: float = 0.10, context_gib: float = 1.5,
                 checkpointing: bool | None = None, optimizer: str | None = None,
-                cpu_offload: bool | None = None, scenarios: bool = True) -> MemoryPlan:
+                cpu_offload: bool | None = None, scenarios: bool = True,
+                denoiser_set: Mapping[str, Any] | None = None, max_batch_limit: int | None = None) -> MemoryPlan:
     """Per-GPU memory of the run that ``cfg`` (a loaded :class:`senseflow.config.SenseFlowConfig`) describes on
     ``gpus_per_node`` × ``nodes`` GPUs of ``gpu_gib`` GiB. ``checkpointing`` / ``optimizer`` / ``cpu_offload``
     default to ``train.gradient_checkpointing`` / ``optimizer.name`` / ``dist.cpu_offload``; with ``scenarios``
     the totals of all 8 combinations are added. ``train.vae_gradient_checkpointing``,
     ``discriminator.gradient_checkpointing`` and ``data.text_cache`` (no text-encoder rows) are read from ``cfg``
     and hold in every scenario. ``denoiser`` picks the teacher architecture (see
-    ``--denoiser``); ``teacher_sharded=False`` replicates T. No weights, paths or GPU are needed.
+    ``--denoiser``; ``denoiser_set`` replaces entries of its config, ``--denoiser-set``); ``teacher_sharded=False``
+    replicates T. With ``model.lora.<player>.rank > 0`` that player is an adapter on the one frozen base T (its
+    rows count the adapter only). With ``max_batch_limit`` the largest ``train.batch_size`` ≤ that limit that fits
+    is searched for every scenario (activations traced at each batch tried; ``MemoryPlan.max_batches``).
+    No weights, paths or GPU are needed.
     Raises :class:`MemoryPlanError` on bad arguments."""
     if gpus_per_node < 1 or nodes < 1:
         raise MemoryPlanError(f"--gpus and --nodes must be >= 1 (got {gpus_per_node} and {nodes})")
@@ -146,16 +152,19 @@ def plan_memory(cfg: Any, gpus_per_node: int, nodes: int = 1, gpu_gib: float = 8
     if not 0 <= reserve_frac < 1 or context_gib < 0:
         raise MemoryPlanError(f"reserve_frac must be in [0, 1) and context_gib >= 0 "
                               f"(got {reserve_frac}, {context_gib})")
+    if max_batch_limit is not None and max_batch_limit < 1:
+        raise MemoryPlanError(f"--batch-limit must be >= 1 (got {max_batch_limit})")
     with _quiet_diffusers():
         return _plan_memory(cfg, gpus_per_node, nodes, gpu_gib, config_path, denoiser, teacher_sharded,
                             disc_backbone_dtype, reserve_frac, context_gib, checkpointing, optimizer, cpu_offload,
-                            scenarios)
+                            scenarios, denoiser_set, max_batch_limit)
 
 
 def _plan_memory(cfg: Any, gpus_per_node: int, nodes: int, gpu_gib: float, config_path: str, denoiser: str | None,
                  teacher_sharded: bool, disc_backbone_dtype: str, reserve_frac: float, context_gib: float,
                  checkpointing: bool | None, optimizer: str | None, cpu_offload: bool | None,
-                 scenarios: bool) -> MemoryPlan:
+                 scenarios: bool, denoiser_set: Mapping[str, Any] | None,
+                 max_batch_limit: int | None) -> MemoryPlan:
     dtypes = (("teacher.dtype", cfg.teacher.dtype), ("teacher.vae_dtype", cfg.teacher.vae_dtype),
               ("teacher.text_encoder_dtype", cfg.teacher.text_encoder_dtype), ("disc backbone", disc_backbone_dtype))
     for name, dt in dtypes:
@@ -172,13 +181,18 @@ def _plan_memory(cfg: Any, gpus_per_node: int, nodes: int, gpu_gib: float, confi
     world = gpus_per_node * nodes
     fsdp = world > 1 and cfg.dist.strategy in ("auto", "fsdp")
     shard = (gpus_per_node if cfg.dist.hsdp else world) if fsdp else 1
-    arch, student_cfg, nets, disc, notes = _build_networks(cfg, denoiser, fsdp, teacher_sharded, disc_backbone_dtype)
-    traces = _trace_run(cfg, student_cfg, nets, disc, disc_backbone_dtype)
+    arch, student_cfg, nets, disc, notes, shared = _build_networks(cfg, denoiser, fsdp, teacher_sharded,
+                                                                   disc_backbone_dtype, denoiser_set)
+    batch = int(cfg.train.batch_size)
+    cache = {batch: _trace_run(cfg, student_cfg, nets, disc, disc_backbone_dtype, shared)}
+    traces = cache[batch]
 
-    def make(opts: MemoryOptions) -> MemoryPlan:
+    def make(opts: MemoryOptions, b: int = batch) -> MemoryPlan:
+        if b not in cache:  # the same networks traced at another per-GPU batch
+            cache[b] = _trace_run(cfg, student_cfg, nets, disc, disc_backbone_dtype, shared, batch=b)
         rows = [n.row(opts.optimizer, shard, opts.cpu_offload) for n in nets]
-        acts, phases = _phases(rows, traces, opts)
-        return MemoryPlan(config_path, cfg.teacher.family, arch, int(cfg.teacher.resolution), int(cfg.train.batch_size),
+        acts, phases = _phases(rows, cache[b], opts)
+        return MemoryPlan(config_path, cfg.teacher.family, arch, int(cfg.teacher.resolution), b,
                           gpus_per_node, nodes, shard, float(gpu_gib), reserve_frac, context_gib, opts, rows, acts,
                           phases, list(notes))
 
@@ -199,7 +213,35 @@ def _plan_memory(cfg: Any, gpus_per_node: int, nodes: int, gpu_gib: float, confi
                                                static_bytes=p.static_bytes, peak_phase=p.peak_phase,
                                                peak_bytes=p.peak_bytes, fits=p.fits,
                                                host_bytes_per_node=p.host_bytes_per_node))
+    if max_batch_limit is not None:
+        for ckpt in (True, False):
+            for opt in ("adamw8bit", "adamw"):
+                for off in (False, True) if fsdp else (False,):
+                    opts = dataclasses.replace(chosen, checkpointing=ckpt, optimizer=opt, cpu_offload=off)
+                    b = _largest_batch(lambda n, o=opts: make(o, n), max_batch_limit)
+                    plan.max_batches.append(dict(checkpointing=ckpt, optimizer=opt, cpu_offload=off, max_batch=b,
+                                                 peak_bytes=make(opts, b).peak_bytes if b else None))
     return plan
+
+
+def _largest_batch(plan_at: Any, limit: int) -> int:
+    """The largest per-GPU batch b ≤ ``limit`` with ``plan_at(b).fits`` (0: not even 1). The peak grows with b; a
+    first guess extrapolates the peaks at 1 and 2 linearly, then exact plans step to the boundary."""
+    p1 = plan_at(1)
+    if not p1.fits:
+        return 0
+    if limit == 1:
+        return 1
+    slope = plan_at(2).peak_bytes - p1.peak_bytes
+    guess = limit if slope <= 0 else 1 + (p1.usable_bytes - p1.peak_bytes) // slope
+    b = max(1, min(limit, int(guess)))
+    if plan_at(b).fits:
+        while b < limit and plan_at(b + 1).fits:
+            b += 1
+    else:
+        while b > 1 and not plan_at(b).fits:
+            b -= 1
+    return b
 
 
 def _savings_notes(cfg: Any, plan: MemoryPlan, vae_ckpt_saving: int, dino_ckpt_saving: int, teacher_sharded: bool,

@@ -35,7 +35,8 @@ def format_plan(plan: MemoryPlan) -> str:
         "-" * 109,
     ]
     for r in plan.networks:
-        role = ("trained " if r.trainable else "frozen ") + (f"/{plan.shard_degree}" if r.sharded else "repl.")
+        kind = "trained " if r.trainable else "shadow " if r.key == "ema" else "frozen "
+        role = kind + (f"/{plan.shard_degree}" if r.sharded else "repl.")
         lines.append(f"{r.label:<22} {_count(r.params):>10} {r.dtype:>9} {role:>14} | {_gib(r.param_bytes)} "
                      f"{_gib(r.buffer_bytes)} {_gib(r.grad_bytes)} {_gib(r.optim_bytes)} {_gib(r.host_bytes)}")
     tot = lambda attr: sum(getattr(r, attr) for r in plan.networks)  # noqa: E731
@@ -70,6 +71,14 @@ def format_plan(plan: MemoryPlan) -> str:
                          f"{'on' if s['cpu_offload'] else 'off':<8} {_gib(s['static_bytes']):>8} "
                          f"{_gib(s['peak_bytes']):>8}  {'yes' if s['fits'] else 'NO':<5} "
                          f"{_gib(s['host_bytes_per_node']):>9}")
+    if plan.max_batches:
+        lines.append("")
+        lines.append("largest batch per GPU that fits (train.batch_size; peak at that batch, GiB per GPU)")
+        lines.append(f"  {'ckpt':<5} {'optimizer':<10} {'offload':<8} {'batch':>5} {'peak':>8}")
+        for s in plan.max_batches:
+            peak = _gib(s['peak_bytes']) if s['max_batch'] else "      -"
+            lines.append(f"  {'on' if s['checkpointing'] else 'off':<5} {s['optimizer']:<10} "
+                         f"{'on' if s['cpu_offload'] else 'off':<8} {s['max_batch']:>5} {peak:>8}")
     for note in plan.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
